@@ -1,0 +1,80 @@
+"""Typed, frozen description of a backbone's shape. Layers read this, never a ConfigDict."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import jax.numpy as jnp
+
+ARCHS = ("gpt2", "llama")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeConfig:
+    """RoPE frequencies, including the scaling variants of Llama 3 and Qwen2 (YaRN) configs.
+
+    Field names follow the Hugging Face `rope_parameters` dict so configs round-trip unchanged.
+    """
+
+    theta: float = 10000.0
+    rope_type: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
+    original_max_position_embeddings: int | None = None  # llama3, yarn
+    attention_factor: float | None = None  # yarn
+    beta_fast: float = 32.0  # yarn
+    beta_slow: float = 1.0  # yarn
+    mscale: float | None = None  # yarn
+    mscale_all_dim: float | None = None  # yarn
+    truncate: bool = True  # yarn
+
+    def __post_init__(self):
+        if self.rope_type not in ROPE_TYPES:
+            raise ValueError(f"rope_type={self.rope_type!r} is not supported; supported: {ROPE_TYPES}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shape and options of a decoder-only backbone (GPT-2 or the Llama family)."""
+
+    arch: Literal["gpt2", "llama"]
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    d_ff: int
+    max_seq_len: int
+    head_dim: int | None = None  # defaults to d_model // n_heads
+    norm_eps: float = 1e-5
+    qkv_bias: bool = False  # Qwen2 (and GPT-2, which has biases everywhere)
+    tie_embeddings: bool = True
+    rope: RopeConfig | None = None  # None for learned absolute positions (GPT-2)
+    # Compute dtype and parameter dtype: bf16 compute on accelerators, float32 parameters.
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    remat: bool = False  # rematerialise each block in the backward pass
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        if self.arch not in ARCHS:
+            raise ValueError(f"Unsupported architecture {self.arch!r}; supported: {ARCHS}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+        if self.arch == "llama" and self.rope is None:
+            object.__setattr__(self, "rope", RopeConfig())
+        if self.head_dim is None:
+            object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
+
+    @property
+    def jnp_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    @property
+    def jnp_param_dtype(self):
+        return jnp.dtype(self.param_dtype)
+
+    def replace(self, **kw) -> "ModelConfig":
+        return dataclasses.replace(self, **kw)

@@ -1,0 +1,96 @@
+"""The TQR heads on top of the backbone's last hidden states (method.md section 1)."""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Q_PARAMS = ("lm_logprobs", "lm_probs", "fresh")
+SIGMA_TRANSFORMS = ("softplus", "exp")
+REWARD_WEIGHTINGS = ("attention", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadConfig:
+    """TQR head options; field names are the `model.*` config keys of method.md."""
+
+    q_param: str = "lm_logprobs"
+    alpha: float = 1.0  # Q = log_softmax(alpha * z): softmax(Q) is the LM policy at temperature 1/alpha
+    sigma_transform: str = "softplus"
+    sigma_floor: float = 1e-4
+    reward_weighting: str = "attention"
+    weight_dim: int | None = None  # width of the weighting attention; default d_model
+
+    def __post_init__(self):
+        for field, value, allowed in (("model.q_param", self.q_param, Q_PARAMS),
+                                      ("model.sigma_transform", self.sigma_transform, SIGMA_TRANSFORMS),
+                                      ("model.reward_weighting", self.reward_weighting, REWARD_WEIGHTINGS)):
+            if value not in allowed:
+                raise ValueError(f"{field}={value!r} is not one of {allowed}")
+
+
+class QHead(nnx.Module):
+    """Q(s_t, .) over the vocabulary.
+
+    "lm_logprobs": Q = log_softmax(alpha * z_t) (invariant to a per-state shift of the logits, so TD
+    errors are well defined); "lm_probs": the paper's literal Eq. 12, Q = log_softmax(alpha *
+    softmax(z_t)); "fresh": a new randomly initialised linear head on h_t (the "w/o ptq" ablation).
+    """
+
+    def __init__(self, cfg: HeadConfig, d_model: int, vocab_size: int, rngs: nnx.Rngs):
+        self.q_param, self.alpha = cfg.q_param, cfg.alpha
+        self.kernel = (nnx.Param(0.02 * jax.random.normal(rngs.params(), (d_model, vocab_size)))
+                       if cfg.q_param == "fresh" else None)
+
+    def __call__(self, h_BxTxD, logits_BxTxV):
+        if self.q_param == "fresh":
+            return (h_BxTxD.astype(jnp.float32) @ self.kernel[...].astype(jnp.float32))
+        z = logits_BxTxV.astype(jnp.float32)
+        if self.q_param == "lm_probs":
+            z = jax.nn.softmax(z, axis=-1)
+        return jax.nn.log_softmax(self.alpha * z, axis=-1)
+
+
+class RewardHead(nnx.Module):
+    """Gaussian reward per position: [mu_t, raw_t] = Linear(h_t), sigma_t = softplus(raw_t) + floor."""
+
+    def __init__(self, cfg: HeadConfig, d_model: int, rngs: nnx.Rngs):
+        self.sigma_transform, self.sigma_floor = cfg.sigma_transform, cfg.sigma_floor
+        self.kernel = nnx.Param(0.02 * jax.random.normal(rngs.params(), (d_model, 2)))
+        self.bias = nnx.Param(jnp.zeros((2,)))
+
+    def __call__(self, h_BxTxD):
+        out_BxTx2 = h_BxTxD.astype(jnp.float32) @ self.kernel[...] + self.bias[...]
+        mu_BxT, raw_BxT = out_BxTx2[..., 0], out_BxTx2[..., 1]
+        if self.sigma_transform == "softplus":
+            sigma_BxT = jax.nn.softplus(raw_BxT) + self.sigma_floor
+        else:  # AVRIL's reference code parameterises log sigma
+            sigma_BxT = jnp.exp(raw_BxT)
+        return mu_BxT, sigma_BxT
+
+
+class RewardWeighting(nnx.Module):
+    """Single-head bidirectional attention giving w_t = mean_i softmax_t(q_i . k_t / sqrt(d)).
+
+    The Preference Transformer's weighting (AVA Eq. 11). Padding keys get no weight and padding
+    queries do not vote, so w sums to 1 over the real tokens of each row.
+    """
+
+    def __init__(self, d_model: int, weight_dim: int, rngs: nnx.Rngs):
+        self.wq = nnx.Param(0.02 * jax.random.normal(rngs.params(), (d_model, weight_dim)))
+        self.wk = nnx.Param(0.02 * jax.random.normal(rngs.params(), (d_model, weight_dim)))
+
+    def __call__(self, h_BxTxD, mask_BxT):
+        h = h_BxTxD.astype(jnp.float32)
+        q_BxTxW, k_BxTxW = h @ self.wq[...], h @ self.wk[...]
+        scores_BxTxT = jnp.einsum("biw,btw->bit", q_BxTxW, k_BxTxW) / jnp.sqrt(q_BxTxW.shape[-1])
+        valid_BxT = mask_BxT.astype(bool)
+        scores_BxTxT = jnp.where(valid_BxT[:, None, :], scores_BxTxT, -jnp.inf)
+        # A row with no real token would be all -inf; give it uniform scores (its weights are masked anyway).
+        scores_BxTxT = jnp.where(valid_BxT.any(axis=1)[:, None, None], scores_BxTxT, 0.0)
+        attn_BxTxT = jax.nn.softmax(scores_BxTxT, axis=-1)
+        n_queries_B = jnp.maximum(valid_BxT.sum(axis=1), 1)
+        w_BxT = jnp.sum(jnp.where(valid_BxT[:, :, None], attn_BxTxT, 0.0), axis=1) / n_queries_B[:, None]
+        return jnp.where(valid_BxT, w_BxT, 0.0)

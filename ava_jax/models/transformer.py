@@ -1,0 +1,242 @@
+"""Decoder-only backbones in Flax NNX: GPT-2 and the Llama family (Llama, Qwen2, SmolLM2, TinyStories).
+
+One module covers both: GPT-2 is learned positions + LayerNorm + GELU MLP + biases everywhere; the
+Llama family is RoPE + RMSNorm + SwiGLU + grouped-query attention (+ optional QKV bias, as in Qwen2).
+Weights are stored as einsum-shaped arrays ([D, N, H] rather than [D, N*H]) so that every axis has a
+name in `ava_jax.sharding`. The forward returns the last hidden states (after the final norm) and the
+LM logits, and optionally reads and writes a KV cache for generation.
+"""
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ava_jax.models.config import ModelConfig
+from ava_jax.models.rope import apply_rope, inv_frequencies
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Keys and values of every layer for `S` slots, written left to right.
+
+    All rows share the write slot `index`; per row, `valid_BxS` marks slots that hold a real token
+    (prompts are left-padded) and `next_pos_B` is the position id the row's next token gets.
+    """
+
+    k: tuple  # per layer [B, S, K, H]
+    v: tuple
+    valid_BxS: jax.Array
+    next_pos_B: jax.Array
+    index: jax.Array  # int32 scalar
+
+    @classmethod
+    def init(cls, cfg: ModelConfig, batch: int, slots: int) -> "KVCache":
+        shape = (batch, slots, cfg.n_kv_heads, cfg.head_dim)
+        zeros = tuple(jnp.zeros(shape, cfg.jnp_dtype) for _ in range(cfg.n_layers))
+        return cls(k=zeros, v=zeros, valid_BxS=jnp.zeros((batch, slots), bool),
+                   next_pos_B=jnp.zeros((batch,), jnp.int32), index=jnp.zeros((), jnp.int32))
+
+
+@flax.struct.dataclass
+class BackboneOutput:
+    hidden: jax.Array  # [B, T, D], after the final norm
+    logits: jax.Array  # [B, T, V], float32
+    cache: KVCache | None = None
+
+
+def _param(rngs: nnx.Rngs, shape, cfg: ModelConfig, std: float | None = None) -> nnx.Param:
+    std = cfg.init_std if std is None else std
+    return nnx.Param(std * jax.random.normal(rngs.params(), shape, cfg.jnp_param_dtype))
+
+
+def _zeros(shape, cfg: ModelConfig) -> nnx.Param:
+    return nnx.Param(jnp.zeros(shape, cfg.jnp_param_dtype))
+
+
+class Norm(nnx.Module):
+    """LayerNorm (GPT-2) or RMSNorm (Llama family), computed in float32."""
+
+    def __init__(self, cfg: ModelConfig):
+        self.rms = cfg.arch == "llama"
+        self.eps = cfg.norm_eps
+        self.scale = nnx.Param(jnp.ones((cfg.d_model,), cfg.jnp_param_dtype))
+        self.bias = None if self.rms else _zeros((cfg.d_model,), cfg)
+
+    def __call__(self, x_BxTxD):
+        x = x_BxTxD.astype(jnp.float32)
+        if self.rms:
+            y = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+            y = y * self.scale[...].astype(jnp.float32)
+        else:
+            mean = jnp.mean(x, axis=-1, keepdims=True)
+            var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+            y = (x - mean) * jax.lax.rsqrt(var + self.eps)
+            y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(x_BxTxD.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        D, N, K, H = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.wq = _param(rngs, (D, N, H), cfg)
+        self.wk = _param(rngs, (D, K, H), cfg)
+        self.wv = _param(rngs, (D, K, H), cfg)
+        self.wo = _param(rngs, (N, H, D), cfg)
+        bias = cfg.qkv_bias or cfg.arch == "gpt2"
+        self.bq = _zeros((N, H), cfg) if bias else None
+        self.bk = _zeros((K, H), cfg) if bias else None
+        self.bv = _zeros((K, H), cfg) if bias else None
+        self.bo = _zeros((D,), cfg) if cfg.arch == "gpt2" else None
+        if cfg.rope is not None:
+            inv_freq, self.rope_scale = inv_frequencies(cfg.rope, H, cfg.max_seq_len)
+            # A tuple, not an array: it is static graph data and must hash by value for jit caching.
+            self.inv_freq = tuple(float(f) for f in inv_freq)
+
+    def __call__(self, x_BxTxD, pos_BxT, mask_BxTxS, layer_cache=None, index=None):
+        cfg, dt = self.cfg, self.cfg.jnp_dtype
+
+        def proj(w, b):
+            y = jnp.einsum("btd,dnh->btnh", x_BxTxD, w[...].astype(dt))
+            return y if b is None else y + b[...].astype(dt)
+
+        q_BxTxNxH = proj(self.wq, self.bq)
+        k_BxTxKxH = proj(self.wk, self.bk)
+        v_BxTxKxH = proj(self.wv, self.bv)
+        if cfg.rope is not None:
+            q_BxTxNxH = apply_rope(q_BxTxNxH, pos_BxT, self.inv_freq, self.rope_scale)
+            k_BxTxKxH = apply_rope(k_BxTxKxH, pos_BxT, self.inv_freq, self.rope_scale)
+        if layer_cache is not None:
+            k_cache, v_cache = layer_cache
+            k_BxSxKxH = jax.lax.dynamic_update_slice_in_dim(k_cache, k_BxTxKxH.astype(k_cache.dtype), index, axis=1)
+            v_BxSxKxH = jax.lax.dynamic_update_slice_in_dim(v_cache, v_BxTxKxH.astype(v_cache.dtype), index, axis=1)
+            layer_cache = (k_BxSxKxH, v_BxSxKxH)
+        else:
+            k_BxSxKxH, v_BxSxKxH = k_BxTxKxH, v_BxTxKxH
+        # XLA's fused attention handles grouped-query heads (K divides N) without repeating K/V.
+        out_BxTxNxH = jax.nn.dot_product_attention(
+            q_BxTxNxH, k_BxSxKxH.astype(dt), v_BxSxKxH.astype(dt), mask=mask_BxTxS[:, None],
+            scale=1.0 / (cfg.head_dim ** 0.5))
+        y = jnp.einsum("btnh,nhd->btd", out_BxTxNxH, self.wo[...].astype(dt))
+        if self.bo is not None:
+            y = y + self.bo[...].astype(dt)
+        return y, layer_cache
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        D, F = cfg.d_model, cfg.d_ff
+        if cfg.arch == "gpt2":
+            self.w_fc, self.b_fc = _param(rngs, (D, F), cfg), _zeros((F,), cfg)
+            self.w_proj, self.b_proj = _param(rngs, (F, D), cfg), _zeros((D,), cfg)
+        else:
+            self.w_gate, self.w_up = _param(rngs, (D, F), cfg), _param(rngs, (D, F), cfg)
+            self.w_down = _param(rngs, (F, D), cfg)
+
+    def __call__(self, x_BxTxD):
+        dt = self.cfg.jnp_dtype
+        if self.cfg.arch == "gpt2":
+            h_BxTxF = x_BxTxD @ self.w_fc[...].astype(dt) + self.b_fc[...].astype(dt)
+            h_BxTxF = jax.nn.gelu(h_BxTxF, approximate=True)  # GPT-2's "gelu_new"
+            return h_BxTxF @ self.w_proj[...].astype(dt) + self.b_proj[...].astype(dt)
+        gate_BxTxF = jax.nn.silu(x_BxTxD @ self.w_gate[...].astype(dt))
+        return (gate_BxTxF * (x_BxTxD @ self.w_up[...].astype(dt))) @ self.w_down[...].astype(dt)
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.ln_attn = Norm(cfg)
+        self.attn = Attention(cfg, rngs)
+        self.ln_mlp = Norm(cfg)
+        self.mlp = MLP(cfg, rngs)
+
+    def __call__(self, x_BxTxD, pos_BxT, mask_BxTxS, layer_cache=None, index=None):
+        a, layer_cache = self.attn(self.ln_attn(x_BxTxD), pos_BxT, mask_BxTxS, layer_cache, index)
+        x_BxTxD = x_BxTxD + a
+        return x_BxTxD + self.mlp(self.ln_mlp(x_BxTxD)), layer_cache
+
+
+def _run_block(block, x, pos, mask, layer_cache, index):
+    return block(x, pos, mask, layer_cache, index)
+
+
+class Transformer(nnx.Module):
+    """The backbone. Call with int32 tokens [B, T] and an optional padding mask [B, T] (1 = real)."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed = _param(rngs, (cfg.vocab_size, cfg.d_model), cfg)
+        self.pos_embed = _param(rngs, (cfg.max_seq_len, cfg.d_model), cfg, 0.01) if cfg.rope is None else None
+        self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layers)])
+        self.ln_final = Norm(cfg)
+        self.lm_head = None if cfg.tie_embeddings else _param(rngs, (cfg.d_model, cfg.vocab_size), cfg)
+
+    def embed_tokens(self, tokens_BxT):
+        return jnp.take(self.embed[...], tokens_BxT, axis=0).astype(self.cfg.jnp_dtype)
+
+    def __call__(self, tokens_BxT=None, mask_BxT=None, *, embeds_BxTxD=None, cache: KVCache | None = None):
+        """Runs the backbone.
+
+        Args:
+          tokens_BxT: int32 token ids (or pass `embeds_BxTxD`, e.g. to differentiate w.r.t. inputs).
+          mask_BxT: 1 for real tokens, 0 for padding; default all ones. Padding may be on either side.
+          embeds_BxTxD: input embeddings instead of tokens.
+          cache: a KVCache; the new tokens are written at `cache.index` and attend to every valid slot.
+
+        Returns:
+          BackboneOutput(hidden [B,T,D], logits [B,T,V] float32, cache).
+        """
+        cfg = self.cfg
+        x_BxTxD = self.embed_tokens(tokens_BxT) if embeds_BxTxD is None else embeds_BxTxD.astype(cfg.jnp_dtype)
+        B, T = x_BxTxD.shape[:2]
+        mask_BxT = jnp.ones((B, T), bool) if mask_BxT is None else mask_BxT.astype(bool)
+        # Position ids count real tokens only, so left-padded prompts start at position 0.
+        start_B = jnp.zeros((B,), jnp.int32) if cache is None else cache.next_pos_B
+        pos_BxT = jnp.maximum(start_B[:, None] + jnp.cumsum(mask_BxT, axis=1, dtype=jnp.int32) - 1, 0)
+        if cache is None:
+            query_slot_T = key_slot_S = jnp.arange(T)
+            key_valid_BxS = mask_BxT
+            index = None
+        else:
+            index = cache.index
+            query_slot_T = index + jnp.arange(T)
+            key_slot_S = jnp.arange(cache.valid_BxS.shape[1])
+            key_valid_BxS = jax.lax.dynamic_update_slice_in_dim(cache.valid_BxS, mask_BxT, index, axis=1)
+        causal_TxS = key_slot_S[None, :] <= query_slot_T[:, None]
+        # A padding query still sees itself, so no softmax row is empty (its output is never used).
+        own_TxS = key_slot_S[None, :] == query_slot_T[:, None]
+        mask_BxTxS = causal_TxS[None] & (key_valid_BxS[:, None, :] | own_TxS[None])
+        if self.pos_embed is not None:
+            x_BxTxD = x_BxTxD + jnp.take(self.pos_embed[...], pos_BxT, axis=0).astype(cfg.jnp_dtype)
+
+        run = nnx.remat(_run_block) if cfg.remat else _run_block
+        new_k, new_v = [], []
+        for i, block in enumerate(self.blocks):
+            layer_cache = None if cache is None else (cache.k[i], cache.v[i])
+            x_BxTxD, layer_cache = run(block, x_BxTxD, pos_BxT, mask_BxTxS, layer_cache, index)
+            if cache is not None:
+                new_k.append(layer_cache[0])
+                new_v.append(layer_cache[1])
+        h_BxTxD = self.ln_final(x_BxTxD)
+        logits_BxTxV = self.logits(h_BxTxD)
+        if cache is not None:
+            cache = KVCache(k=tuple(new_k), v=tuple(new_v), valid_BxS=key_valid_BxS,
+                            next_pos_B=cache.next_pos_B + mask_BxT.sum(axis=1, dtype=jnp.int32),
+                            index=index + T)
+        return BackboneOutput(hidden=h_BxTxD, logits=logits_BxTxV, cache=cache)
+
+    def logits(self, h_BxTxD):
+        dt = self.cfg.jnp_dtype
+        if self.lm_head is None:
+            out = jnp.einsum("btd,vd->btv", h_BxTxD.astype(dt), self.embed[...].astype(dt))
+        else:
+            out = h_BxTxD.astype(dt) @ self.lm_head[...].astype(dt)
+        return out.astype(jnp.float32)
+
+
+def param_count(model: nnx.Module) -> int:
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+

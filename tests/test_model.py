@@ -1,0 +1,139 @@
+"""Backbone and TQR: shapes, causality, padding, KV-cache equivalence, batched generation."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from ava_jax.models import HeadConfig, KVCache, TQR, Transformer
+from ava_jax.sampling import SamplingConfig, generate
+
+from conftest import tiny_config
+
+
+def _tokens(B, T, V, seed=0):
+    return jnp.asarray(np.random.default_rng(seed).integers(3, V, (B, T)), jnp.int32)
+
+
+def test_shapes(any_tiny_config):
+    cfg = any_tiny_config
+    model = TQR(cfg, HeadConfig(q_param="fresh"), rngs=nnx.Rngs(0))
+    out = model(_tokens(2, 7, cfg.vocab_size))
+    assert out.logits.shape == (2, 7, cfg.vocab_size)
+    assert out.q_values.shape == (2, 7, cfg.vocab_size)
+    assert out.hidden.shape == (2, 7, cfg.d_model)
+    assert out.reward_mean.shape == out.reward_sigma.shape == out.weights.shape == (2, 7)
+    assert bool(jnp.all(out.reward_sigma > 0))
+    assert np.allclose(out.weights.sum(axis=1), 1.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("q_param", ["lm_logprobs", "lm_probs", "fresh"])
+def test_causality(any_tiny_config, q_param):
+    """Q and reward outputs at position t have zero gradient w.r.t. inputs after t (weighting off)."""
+    cfg = any_tiny_config
+    model = TQR(cfg, HeadConfig(q_param=q_param, reward_weighting="none"), rngs=nnx.Rngs(1))
+    T = 6
+    embeds = model.backbone.embed_tokens(_tokens(1, T, cfg.vocab_size))
+
+    def per_position(e):
+        out = model(embeds_BxTxD=e)
+        return out.q_values[0].sum(-1) + out.reward_mean[0] + out.reward_sigma[0]
+
+    jac_TxT = jnp.abs(jax.jacrev(per_position)(embeds)[:, 0]).sum(-1)  # d out_t / d input_s
+    future = np.triu(np.ones((T, T), bool), k=1)
+    assert float(jac_TxT[future].max()) == 0.0, "an output sees a later input"
+    assert float(jac_TxT[~future].min()) > 0.0, "an output ignores an earlier input"
+
+
+def test_weighting_masks_padding():
+    cfg = tiny_config("llama")
+    model = TQR(cfg, HeadConfig(reward_weighting="attention"), rngs=nnx.Rngs(2))
+    tokens = _tokens(2, 8, cfg.vocab_size)
+    mask = jnp.array([[0, 0, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0, 0, 0]], bool)  # left and right padding
+    out = model(tokens, mask)
+    other = model(jnp.where(mask, tokens, (tokens + 5) % cfg.vocab_size), mask)
+    assert np.all(np.asarray(out.weights)[~np.asarray(mask)] == 0)
+    np.testing.assert_allclose(out.weights.sum(axis=1), 1.0, atol=1e-6)
+    for field in ("weights", "reward_mean", "reward_sigma"):
+        a, b = np.asarray(getattr(out, field)), np.asarray(getattr(other, field))
+        np.testing.assert_allclose(a[np.asarray(mask)], b[np.asarray(mask)], rtol=1e-6, atol=1e-7)
+    # The weights are not uniform (the layer really attends), so the check above is not vacuous.
+    assert float(jnp.std(out.weights[0, 2:])) > 0
+
+
+def test_left_padding_matches_unpadded(any_tiny_config):
+    cfg = any_tiny_config
+    model = Transformer(cfg, nnx.Rngs(3))
+    tokens = _tokens(1, 5, cfg.vocab_size)
+    padded = jnp.concatenate([jnp.zeros((1, 3), jnp.int32), tokens], axis=1)
+    mask = jnp.array([[0, 0, 0, 1, 1, 1, 1, 1]], bool)
+    np.testing.assert_allclose(model(padded, mask).logits[:, 3:], model(tokens).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_cache_decode_equals_full_forward(any_tiny_config):
+    """Logits at each decode step equal a full forward over the same (unpadded) prefix."""
+    cfg = any_tiny_config
+    model = Transformer(cfg, nnx.Rngs(4))
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12]]
+    P, steps = 6, 4
+    tokens = np.zeros((2, P), np.int32)
+    mask = np.zeros((2, P), bool)
+    for i, p in enumerate(prompts):
+        tokens[i, P - len(p):], mask[i, P - len(p):] = p, True
+    cache = KVCache.init(cfg, 2, P + steps)
+    out = model(jnp.asarray(tokens), jnp.asarray(mask), cache=cache)
+    seqs = [list(p) for p in prompts]
+    logits = out.logits[:, -1]
+    for s in range(steps):
+        for i in range(2):
+            full = model(jnp.asarray([seqs[i]], jnp.int32)).logits[0, -1]
+            np.testing.assert_allclose(logits[i], full, rtol=1e-5, atol=1e-5, err_msg=f"row {i} step {s}")
+        nxt = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        for i in range(2):
+            seqs[i].append(int(nxt[i]))
+        out = model(nxt[:, None], jnp.ones((2, 1), bool), cache=out.cache)
+        logits = out.logits[:, -1]
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(0.0, 0, 1.0), (1.0, 5, 0.9)])
+def test_batched_generation_equals_one_by_one(temperature, top_k, top_p):
+    cfg = tiny_config("llama", vocab_size=50)
+    model = Transformer(cfg, nnx.Rngs(5))
+    prompts = [[3, 4, 5], [6, 7, 8, 9, 10, 11, 12], [13]]
+    scfg = SamplingConfig(max_new_tokens=10, temperature=temperature, top_k=top_k, top_p=top_p, eos_id=None,
+                          prompt_bucket=8, new_bucket=8)
+    key = jax.random.key(0)
+    batched = generate(model, prompts, key, scfg)
+    for i, p in enumerate(prompts):
+        single = generate(model, [p], key, scfg)
+        if temperature == 0:  # sampling keys differ per batch row, so only greedy must match token for token
+            np.testing.assert_array_equal(batched.tokens[i], single.tokens[0])
+            np.testing.assert_allclose(batched.logprobs[i], single.logprobs[0], rtol=1e-5, atol=1e-5)
+    assert batched.tokens.shape == batched.logprobs.shape == batched.mask.shape == (3, 10)
+    assert bool(jnp.all(batched.logprobs <= 0))
+
+
+def test_generation_logprobs_match_forward():
+    """The returned per-token log-probs are the model's log-probs of the sampled tokens."""
+    cfg = tiny_config("gpt2", vocab_size=50)
+    model = Transformer(cfg, nnx.Rngs(6))
+    prompt = [3, 4, 5, 6]
+    g = generate(model, [prompt], jax.random.key(1), SamplingConfig(max_new_tokens=6, temperature=1.0,
+                                                                     prompt_bucket=4, new_bucket=2))
+    seq = jnp.asarray([prompt + [int(t) for t in g.tokens[0]]], jnp.int32)
+    logp = jax.nn.log_softmax(model(seq).logits[0], axis=-1)
+    want = [float(logp[len(prompt) - 1 + i, int(t)]) for i, t in enumerate(g.tokens[0])]
+    np.testing.assert_allclose(g.logprobs[0], want, rtol=1e-5, atol=1e-5)
+
+
+def test_generation_stops_at_eos():
+    cfg = tiny_config("llama", vocab_size=20)
+    model = Transformer(cfg, nnx.Rngs(7))
+    # Greedy decoding: find the first greedy token and declare it EOS, so row 0 stops at once.
+    first = generate(model, [[3, 4]], jax.random.key(0), SamplingConfig(max_new_tokens=1, temperature=0.0,
+                                                                         prompt_bucket=2, new_bucket=1))
+    eos = int(first.tokens[0, 0])
+    g = generate(model, [[3, 4]], jax.random.key(0), SamplingConfig(max_new_tokens=5, temperature=0.0, eos_id=eos,
+                                                                    pad_id=0, prompt_bucket=2, new_bucket=1))
+    assert g.mask[0].tolist() == [True, False, False, False, False]
+    assert g.tokens[0].tolist() == [eos, 0, 0, 0, 0]
