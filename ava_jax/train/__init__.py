@@ -1,0 +1,1 @@
+"""Train step builder, loop, checkpoints and metrics."""

@@ -1,0 +1,167 @@
+"""A generic train step: jitted once with explicit shardings and donation, exact gradient
+accumulation, and non-finite steps skipped inside the step.
+
+A loss function has the signature `loss_fn(model, batch, rng) -> (loss, metrics)` where `model` is
+the NNX module rebuilt from its parameters and `metrics["loss"] = (loss_sum, count)`, `count` being
+the true normaliser (valid tokens or pairs). Micro-batch gradients are weighted by their counts, so
+accumulating k micro-batches gives exactly the gradient of loss_sum_total / count_total, not a mean
+of means.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from ava_jax import sharding as shd
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any  # nnx.State of Params
+    opt_state: Any
+    bad_steps: jax.Array  # consecutive non-finite steps ending at `step`
+
+
+def init_train_state(model: nnx.Module, optimizer: optax.GradientTransformation, mesh):
+    """Splits the model and creates parameters and optimizer state directly in their shardings.
+
+    Returns (graphdef, TrainState). The parameters are placed by `sharding.PARAM_RULES`; the optimizer
+    state is created by a jitted `optimizer.init`, which gives Adam's moments their parameter's sharding.
+    """
+    graphdef, params = nnx.split(model, nnx.Param)
+    params = jax.device_put(params, shd.param_shardings(params, mesh))
+    return graphdef, _state(params, optimizer, mesh)
+
+
+def abstract_train_state(model_fn: Callable[[], nnx.Module], optimizer, mesh):
+    """Creates a train state from scratch with every array born in its final sharding (no host copy).
+
+    `model_fn` builds the model (e.g. `lambda: TQR(cfg, rngs=nnx.Rngs(0))`).
+    """
+    abstract = nnx.eval_shape(model_fn)
+    graphdef, abs_params = nnx.split(abstract, nnx.Param)
+    param_sh = shd.param_shardings(abs_params, mesh)
+
+    def make():
+        return nnx.split(model_fn(), nnx.Param)[1]
+
+    params = jax.jit(make, out_shardings=param_sh)()
+    return graphdef, _state(params, optimizer, mesh)
+
+
+def _state(params, optimizer, mesh) -> TrainState:
+    params_sh = jax.tree.map(lambda x: x.sharding, params)
+    opt_sh = shd.state_shardings(jax.eval_shape(optimizer.init, params), params_sh, mesh)
+    opt_state = jax.jit(optimizer.init, out_shardings=opt_sh)(params)
+    # Separate buffers: donation forbids two state leaves sharing one.
+    zeros = [jax.device_put(jnp.zeros((), jnp.int32), NamedSharding(mesh, P())) for _ in range(2)]
+    return TrainState(step=zeros[0], params=params, opt_state=opt_state, bad_steps=zeros[1])
+
+
+def _tree_all_finite(tree) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def _split_micro(batch, accum: int):
+    """[B, ...] -> [accum, B/accum, ...], micro-batch a taking rows a, a+accum, ...
+
+    Interleaving keeps each device's rows on that device when the batch axis is sharded.
+    """
+    def one(x):
+        x = x.reshape((x.shape[0] // accum, accum) + x.shape[1:])
+        return jnp.swapaxes(x, 0, 1)
+    return jax.tree.map(one, batch)
+
+
+def grads_and_metrics(loss_fn, graphdef, params, batch, rng, accum: int):
+    """Gradient of loss_sum_total / count_total over `accum` micro-batches, and summed metrics."""
+    def micro(p, mb, key):
+        model = nnx.merge(graphdef, p)
+        loss, metrics = loss_fn(model, mb, key)
+        loss_sum, count = metrics["loss"]
+        # d(loss_sum)/dp = count * d(loss)/dp; return the sum so micro-batches add up exactly.
+        return loss_sum, metrics
+
+    grad_fn = jax.grad(micro, has_aux=True)
+    if accum == 1:
+        grads, metrics = grad_fn(params, batch, rng)
+    else:
+        micro_batches = _split_micro(batch, accum)
+
+        def body(carry, xs):
+            g_acc, m_acc = carry
+            mb, i = xs
+            g, m = grad_fn(params, mb, jax.random.fold_in(rng, i))
+            return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, m_acc, m)), None
+
+        g0 = jax.tree.map(jnp.zeros_like, params)
+        _, m_shape = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro_batches), rng)
+        m0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m_shape)
+        (grads, metrics), _ = jax.lax.scan(body, (g0, m0), (micro_batches, jnp.arange(accum)))
+    count = jnp.maximum(metrics["loss"][1], 1.0)
+    grads = jax.tree.map(lambda g: g / count, grads)
+    return grads, metrics
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+    accum_steps: int = 1
+    donate: bool = True
+
+
+def make_train_step(graphdef, loss_fn, optimizer: optax.GradientTransformation, mesh, state: TrainState,
+                    batch_example, options: StepOptions = StepOptions()):
+    """Builds `step(state, batch, key) -> (state, metrics)`, jitted with explicit shardings.
+
+    The batch is split over the (data, fsdp) axes; the state keeps its current shardings. A step
+    whose loss or gradients are not finite leaves parameters and optimizer state unchanged, sets
+    metrics["skipped"] and increments `state.bad_steps` (reset by the next good step).
+    """
+    leading = {x.shape[0] for x in jax.tree.leaves(batch_example)}
+    if len(leading) != 1:
+        raise ValueError(f"batch arrays disagree on the batch size: {sorted(leading)}")
+    (batch_size,) = leading
+    shd.check_batch_divides(batch_size, mesh)
+    if batch_size % options.accum_steps:
+        raise ValueError(f"train.batch_size={batch_size} is not a multiple of "
+                         f"train.accum_steps={options.accum_steps}")
+    state_sh = jax.tree.map(lambda x: x.sharding, state)
+    batch_sh = jax.tree.map(lambda x: shd.batch_sharding(mesh, x.ndim), batch_example)
+    replicated = NamedSharding(mesh, P())
+
+    def step(state: TrainState, batch, key):
+        rng = jax.random.fold_in(key, state.step)
+        grads, metrics = grads_and_metrics(loss_fn, graphdef, state.params, batch, rng, options.accum_steps)
+        ok = jnp.isfinite(metrics["loss"][0]) & _tree_all_finite(grads)
+        # Zero non-finite gradients before the update so no NaN reaches the optimizer, then keep the
+        # old state wholesale when the step was bad.
+        safe_grads = jax.tree.map(lambda g: jnp.where(ok, g, 0.0), grads)
+        updates, new_opt = optimizer.update(safe_grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+        new_state = TrainState(step=state.step + 1, params=keep(new_params, state.params),
+                               opt_state=keep(new_opt, state.opt_state),
+                               bad_steps=jnp.where(ok, 0, state.bad_steps + 1))
+        metrics = dict(metrics)
+        metrics["skipped"] = (1.0 - ok.astype(jnp.float32), jnp.float32(1.0))
+        metrics["grad_norm"] = (jnp.where(ok, optax.tree.norm(grads), 0.0), ok.astype(jnp.float32))
+        return new_state, metrics
+
+    return jax.jit(step, in_shardings=(state_sh, batch_sh, replicated),
+                   out_shardings=(state_sh, replicated),
+                   donate_argnames=("state",) if options.donate else ())
+
+
+def metric_means(metrics) -> dict[str, float]:
+    """Host-side means of (sum, count) metrics; call only on log steps (it waits for the device)."""
+    fetched = jax.device_get(metrics)
+    return {k: float(s) / max(float(c), 1e-12) for k, (s, c) in fetched.items()}

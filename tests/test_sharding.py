@@ -1,0 +1,32 @@
+"""Sharded train steps on 8 fake CPU devices, in a subprocess (XLA flags are read once per process)."""
+import os
+import subprocess
+import sys
+
+import jax
+from jax.sharding import PartitionSpec as P
+
+from ava_jax import sharding as shd
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def test_sharded_step_equals_single_device():
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "multidevice_step.py")], capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
+    assert proc.stdout.strip().endswith("OK"), proc.stdout
+    for shape in ("(8, 1, 1)", "(2, 2, 2)", "(1, 1, 8)"):
+        assert f"mesh {shape}" in proc.stdout
+
+
+def test_fit_spec_replicates_indivisible_dims():
+    mesh = shd.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+
+    class M:
+        shape = {"data": 1, "fsdp": 2, "tensor": 8}
+
+    assert shd.fit_spec(P("fsdp", "tensor", None), (32, 4, 16), M) == P("fsdp")
+    assert shd.fit_spec(P("fsdp", "tensor"), (32, 64), M) == P("fsdp", "tensor")
+    assert shd.param_spec("backbone/blocks/0/attn/wq", (32, 8, 4), mesh) == P("fsdp", "tensor", None)
+    assert shd.param_spec("backbone/ln_final/scale", (32,), mesh) == P()
