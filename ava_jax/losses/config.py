@@ -1,0 +1,83 @@
+"""LossConfig: the typed, frozen configuration every objective in `ava_jax.losses` reads.
+
+The ConfigDict -> LossConfig conversion lives in `ava_jax/config.py`; this module only defines the
+fields and validates them, so a bad value fails at construction with the field's name.
+`alpha` (the Q head's temperature) is a model field, not a loss field.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+
+OBJECTIVES = ("ava_d", "ava_p", "bt", "pt")
+LIKELIHOODS = ("boltzmann", "raw_q")
+CERS = ("sigmoid", "logsigmoid")
+REWARD_ALIGNS = ("next", "state")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """Objective and its switches (method.md sections 1, 2 and the ablations).
+
+    Attributes:
+      objective: "ava_d" | "ava_p" | "bt" (Bradley-Terry) | "pt" (Preference Transformer).
+      gamma: discount in the TD error delta_t = Q_a(t) - gamma * Q_a(t+1); in [0, 1].
+      lam: lambda, weight of the TD log-likelihood; >= 0.
+      beta: inverse temperature of the Boltzmann policy; > 0.
+      likelihood: "boltzmann" (log_softmax(beta * Q)[a], AVA Eq. 3) or "raw_q" (beta * Q_a, the
+        literal AVA Eq. 13).
+      cer: "sigmoid" (as printed) or "logsigmoid" (Bradley-Terry form) for the contrastive
+        expected return.
+      reward_align: "next" (reward of transition t read at position t+1, which has seen the action)
+        or "state" (read at position t, the paper's literal indexing).
+      include_prompt: count transitions whose action is a prompt token too.
+      use_neg: keep the rejected-likelihood term of AVA-p (ablation "neg" sets False).
+      use_irl: keep the KL and TD terms (ablation "irl" sets False).
+      use_cer: keep the contrastive expected return of AVA-p (ablation "cer" sets False).
+      neg_floor: None, or a floor on the rejected side's per-token log-likelihood (a guard against
+        the unlikelihood failure mode, see `ava_p_loss`).
+      cer_weight: weight of the CER term; >= 0.
+    """
+
+    objective: str = "ava_p"
+    gamma: float = 1.0
+    lam: float = 1.0
+    beta: float = 1.0
+    likelihood: str = "boltzmann"
+    cer: str = "sigmoid"
+    reward_align: str = "next"
+    include_prompt: bool = False
+    use_neg: bool = True
+    use_irl: bool = True
+    use_cer: bool = True
+    neg_floor: float | None = None
+    cer_weight: float = 1.0
+
+    def __post_init__(self):
+        for name, allowed in (("objective", OBJECTIVES), ("likelihood", LIKELIHOODS),
+                              ("cer", CERS), ("reward_align", REWARD_ALIGNS)):
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ValueError(f"LossConfig.{name} must be one of {allowed}, got {value!r}")
+        for name in ("include_prompt", "use_neg", "use_irl", "use_cer"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise TypeError(f"LossConfig.{name} must be a bool, got {value!r}")
+        self._set_float("gamma", lambda v: 0.0 <= v <= 1.0, "in [0, 1]")
+        self._set_float("lam", lambda v: v >= 0.0, ">= 0")
+        self._set_float("beta", lambda v: v > 0.0, "> 0")
+        self._set_float("cer_weight", lambda v: v >= 0.0, ">= 0")
+        if self.neg_floor is not None:
+            self._set_float("neg_floor", lambda v: True, "finite")
+
+    def _set_float(self, name, ok, what):
+        value = getattr(self, name)
+        # bool is an int subclass; True as a discount is almost surely a config slip.
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"LossConfig.{name} must be a number, got {value!r}")
+        value = float(value)
+        if not math.isfinite(value) or not ok(value):
+            raise ValueError(f"LossConfig.{name} must be finite and {what}, got {value!r}")
+        # Coerce ints to float so equal configs hash equally (the config is a jit static arg).
+        object.__setattr__(self, name, value)
