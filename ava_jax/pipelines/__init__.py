@@ -1,0 +1,13 @@
+"""One module per pipeline; each exposes `run(config)`. `main` dispatches on `config.pipeline`."""
+import importlib
+
+PIPELINES = {
+    "generate": "ava_jax.pipelines.generate",
+    "reward_model": "ava_jax.pipelines.reward_model",
+}
+
+
+def get(name: str):
+    if name not in PIPELINES:
+        raise ValueError(f"config.pipeline={name!r} is not one of {sorted(PIPELINES)}")
+    return importlib.import_module(PIPELINES[name])

