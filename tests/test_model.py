@@ -24,7 +24,9 @@ def test_shapes(any_tiny_config):
     assert out.hidden.shape == (2, 7, cfg.d_model)
     assert out.reward_mean.shape == out.reward_sigma.shape == out.weights.shape == (2, 7)
     assert bool(jnp.all(out.reward_sigma > 0))
-    assert np.allclose(out.weights.sum(axis=1), 1.0, atol=1e-6)
+    assert np.allclose(out.weights.mean(axis=1), 1.0, atol=1e-6)  # weight_norm="mean"
+    literal = TQR(cfg, HeadConfig(q_param="fresh", weight_norm="sum"), rngs=nnx.Rngs(0))
+    assert np.allclose(literal(_tokens(2, 7, cfg.vocab_size)).weights.sum(axis=1), 1.0, atol=1e-6)
 
 
 @pytest.mark.parametrize("q_param", ["lm_logprobs", "lm_probs", "fresh"])
@@ -47,7 +49,7 @@ def test_causality(any_tiny_config, q_param):
 
 def test_weighting_masks_padding():
     cfg = tiny_config("llama")
-    model = TQR(cfg, HeadConfig(reward_weighting="attention"), rngs=nnx.Rngs(2))
+    model = TQR(cfg, HeadConfig(reward_weighting="attention", weight_norm="sum"), rngs=nnx.Rngs(2))
     tokens = _tokens(2, 8, cfg.vocab_size)
     mask = jnp.array([[0, 0, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0, 0, 0]], bool)  # left and right padding
     out = model(tokens, mask)

@@ -10,6 +10,7 @@ from flax import nnx
 Q_PARAMS = ("lm_logprobs", "lm_probs", "fresh")
 SIGMA_TRANSFORMS = ("softplus", "exp")
 REWARD_WEIGHTINGS = ("attention", "none")
+WEIGHT_NORMS = ("mean", "sum")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,11 +23,19 @@ class HeadConfig:
     sigma_floor: float = 1e-4
     reward_weighting: str = "attention"
     weight_dim: int | None = None  # width of the weighting attention; default d_model
+    # How w_t is scaled before it multiplies the heads (a reading the paper leaves open):
+    # "sum": w sums to 1 over a sequence's real tokens, as printed; then Q is about logpi / T and the
+    #   pretrained Boltzmann policy is flattened to near uniform (measured on HH + TinyStories: the
+    #   chosen log-likelihood sat at -6.22 = -log 512 from the first step).
+    # "mean" (default): w times the number of real tokens, so the average weight is 1 and uniform
+    #   attention leaves the heads unchanged.
+    weight_norm: str = "mean"
 
     def __post_init__(self):
         for field, value, allowed in (("model.q_param", self.q_param, Q_PARAMS),
                                       ("model.sigma_transform", self.sigma_transform, SIGMA_TRANSFORMS),
-                                      ("model.reward_weighting", self.reward_weighting, REWARD_WEIGHTINGS)):
+                                      ("model.reward_weighting", self.reward_weighting, REWARD_WEIGHTINGS),
+                                      ("model.weight_norm", self.weight_norm, WEIGHT_NORMS)):
             if value not in allowed:
                 raise ValueError(f"{field}={value!r} is not one of {allowed}")
 
@@ -75,10 +84,12 @@ class RewardWeighting(nnx.Module):
     """Single-head bidirectional attention giving w_t = mean_i softmax_t(q_i . k_t / sqrt(d)).
 
     The Preference Transformer's weighting (AVA Eq. 11). Padding keys get no weight and padding
-    queries do not vote, so w sums to 1 over the real tokens of each row.
+    queries do not vote, so w sums to 1 over the real tokens of each row ("sum"), or averages 1
+    ("mean", the default; see HeadConfig.weight_norm).
     """
 
-    def __init__(self, d_model: int, weight_dim: int, rngs: nnx.Rngs):
+    def __init__(self, d_model: int, weight_dim: int, rngs: nnx.Rngs, weight_norm: str = "mean"):
+        self.weight_norm = weight_norm
         self.wq = nnx.Param(0.02 * jax.random.normal(rngs.params(), (d_model, weight_dim)))
         self.wk = nnx.Param(0.02 * jax.random.normal(rngs.params(), (d_model, weight_dim)))
 
@@ -93,4 +104,6 @@ class RewardWeighting(nnx.Module):
         attn_BxTxT = jax.nn.softmax(scores_BxTxT, axis=-1)
         n_queries_B = jnp.maximum(valid_BxT.sum(axis=1), 1)
         w_BxT = jnp.sum(jnp.where(valid_BxT[:, :, None], attn_BxTxT, 0.0), axis=1) / n_queries_B[:, None]
+        if self.weight_norm == "mean":
+            w_BxT = w_BxT * n_queries_B[:, None]
         return jnp.where(valid_BxT, w_BxT, 0.0)

@@ -36,7 +36,7 @@ class TQR(nnx.Module):
         self.backbone = Transformer(cfg, rngs)
         self.q_head = QHead(heads, cfg.d_model, cfg.vocab_size, rngs)
         self.reward_head = RewardHead(heads, cfg.d_model, rngs)
-        self.weighting = (RewardWeighting(cfg.d_model, heads.weight_dim or cfg.d_model, rngs)
+        self.weighting = (RewardWeighting(cfg.d_model, heads.weight_dim or cfg.d_model, rngs, heads.weight_norm)
                           if heads.reward_weighting == "attention" else None)
 
     def __call__(self, tokens_BxT=None, mask_BxT=None, *, embeds_BxTxD=None) -> TQROutput:

@@ -37,7 +37,8 @@ def init_train_state(model: nnx.Module, optimizer: optax.GradientTransformation,
     state is created by a jitted `optimizer.init`, which gives Adam's moments their parameter's sharding.
     """
     graphdef, params = nnx.split(model, nnx.Param)
-    params = jax.device_put(params, shd.param_shardings(params, mesh))
+    # may_alias=False: the step donates its state, which must not delete the caller's model arrays.
+    params = jax.device_put(params, shd.param_shardings(params, mesh), may_alias=False)
     return graphdef, _state(params, optimizer, mesh)
 
 
