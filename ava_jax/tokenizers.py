@@ -46,6 +46,15 @@ class Tokenizer(abc.ABC):
           The token ids.
         """
 
+    def encode_continuation(self, text: str) -> list[int]:
+        """Token ids of `text` when it follows other text (a response after its prompt).
+
+        The same as `encode` for byte-level BPE; tokenizers that prepend a dummy space to a whole
+        text (SentencePiece, llama2.c) leave it out, so that encode(prompt) + encode_continuation(
+        response) decodes to prompt + response.
+        """
+        return self.encode(text)
+
     @abc.abstractmethod
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         """The text of `ids`.
@@ -354,12 +363,18 @@ class Llama2cTokenizer(Tokenizer):
 
     def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
         # The dummy prefix: the SentencePiece-trained merges expect every word to start with a space.
-        ids = [self._piece_to_id[b" "]] if text else []
+        return self._with_specials(self._encode_chars((" " + text) if text else ""), add_bos, add_eos)
+
+    def encode_continuation(self, text: str) -> list[int]:
+        return self._encode_chars(text)
+
+    def _encode_chars(self, text: str) -> list[int]:
+        ids = []
         for char in text:
             char_bytes = char.encode("utf-8")
             token = self._piece_to_id.get(char_bytes)
             ids.extend([token] if token is not None else [self._BYTE_OFFSET + b for b in char_bytes])
-        return self._with_specials(self._merge(ids), add_bos, add_eos)
+        return self._merge(ids)
 
     def _merge(self, ids: list[int]) -> list[int]:
         """llama2.c's loop (merge the best-scoring adjacent pair, the leftmost on ties, until none merges),

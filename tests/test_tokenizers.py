@@ -100,6 +100,17 @@ def test_tok512_round_trip(tok512, text):
         assert tok512.decode(tok512.encode(text, add_bos=True), skip_special_tokens=False).endswith(text)
 
 
+@pytest.mark.parametrize("prompt,response", [("\n\nHuman: Hi there\n\nAssistant:", " Hello, Lily!"),
+                                             ("Once upon a time", " there was a dog.\nThe end")])
+def test_continuation_has_no_second_dummy_prefix(tok512, gpt2, prompt, response):
+    for tok in (tok512, gpt2):
+        ids = tok.encode(prompt) + tok.encode_continuation(response)
+        assert tok.decode(ids) == prompt + response
+    # For tok512 the plain encode adds the dummy space, which would double the space after the prompt.
+    assert tok512.decode(tok512.encode(prompt) + tok512.encode(response)) != prompt + response
+    assert gpt2.encode_continuation(response) == gpt2.encode(response)
+
+
 def test_tok512_byte_fallback(tok512):
     ids = tok512.encode("🦙")
     # No 4-byte emoji is a tok512 token: its UTF-8 bytes come out as <0xXX> tokens, id 3 + byte.

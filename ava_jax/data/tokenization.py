@@ -143,7 +143,9 @@ def _special_ids(tokenizer: TokenizerLike, add_bos: bool, add_eos: bool):
 
 
 def _encode_side(tokenizer, prompt, prompt_ids, response, field, check_roundtrip):
-    response_ids = tokenizer.encode(response)
+    # A response continues its prompt: tokenizers with a dummy-prefix space must not add a second one.
+    encode = getattr(tokenizer, "encode_continuation", tokenizer.encode)
+    response_ids = encode(response)
     if check_roundtrip:
         decoded = tokenizer.decode(list(prompt_ids) + list(response_ids))
         if decoded != prompt + response:
