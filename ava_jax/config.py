@@ -30,7 +30,7 @@ def base_config() -> ml_collections.ConfigDict:
         path="bundled:tinystories-260k",  # HF dir, llama2.c .bin (or its dir), .gguf file, or bundled:NAME
         dtype="float32", param_dtype="float32", remat=False,
         q_param="lm_logprobs", alpha=1.0, sigma_transform="softplus", reward_weighting="attention",
-        reward_align="next",
+        weight_norm="mean", reward_align="next",
     ))
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.sampling = ml_collections.ConfigDict(dict(
@@ -52,7 +52,7 @@ def resolve_path(path: str) -> str:
 
 def head_config(model: ml_collections.ConfigDict) -> HeadConfig:
     return HeadConfig(q_param=model.q_param, alpha=float(model.alpha), sigma_transform=model.sigma_transform,
-                      reward_weighting=model.reward_weighting)
+                      reward_weighting=model.reward_weighting, weight_norm=model.weight_norm)
 
 
 def sampling_config(s: ml_collections.ConfigDict, *, eos_id, pad_id) -> SamplingConfig:
@@ -117,9 +117,9 @@ def reward_model_config(objective: str, variant: str | None) -> ml_collections.C
         max_test_pairs=0))
     c.data.synthetic = ml_collections.ConfigDict(dict(vocab_size=16, prompt_len=4, response_len=8,
                                                       bt_temperature=2.0, num_examples=2048,
-                                                      num_eval_examples=512, seed=0, data_seed=100))
+                                                      num_eval_examples=1024, seed=0, data_seed=100))
     c.train = ml_collections.ConfigDict(dict(
-        steps=300, batch_size=16, accum_steps=1, learning_rate=1e-3, warmup_steps=30, final_lr_fraction=0.1,
+        steps=300, batch_size=16, accum_steps=1, learning_rate=1e-4, warmup_steps=30, final_lr_fraction=0.1,
         weight_decay=0.01, grad_clip=1.0, log_every=10, eval_every=100, checkpoint_every=100,
         max_consecutive_bad_steps=5, progress=True))
     c.eval = ml_collections.ConfigDict(dict(score="last", batch_size=64))

@@ -1,0 +1,1 @@
+"""Evaluation: reward-model accuracy, margins and the calibration of AVA's uncertainty."""

@@ -1,0 +1,94 @@
+"""From a TQR model and a batch to the objectives and scores of method.md sections 2-4.
+
+This is the glue between `models` (which know nothing of losses) and `losses` (pure functions of
+arrays): it runs the model on a pair batch, derives masks with `token_positions`, and calls the
+objective named by `LossConfig.objective`. Batches are the dicts `ava_jax.data` produces:
+`{"chosen": {"tokens_BxT", "mask_BxT", "prompt_len_B"}, "rejected": {...}}`.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from ava_jax.losses import (AvrilInputs, LossConfig, ava_d_loss, ava_p_loss, avril_terms, bradley_terry_loss,
+                            gather_last, preference_transformer_loss)
+from ava_jax.models.positions import token_positions
+from ava_jax.models.tqr import TQROutput
+
+
+def _split(out: TQROutput, n: int):
+    first = jax.tree.map(lambda x: x[:n], out)
+    second = jax.tree.map(lambda x: x[n:], out)
+    return first, second
+
+
+def forward_pair(model, batch):
+    """One forward over chosen and rejected stacked on the batch axis (one compiled shape, better
+    utilisation than two calls). Returns (out_chosen, out_rejected)."""
+    c, r = batch["chosen"], batch["rejected"]
+    tokens = jnp.concatenate([c["tokens_BxT"], r["tokens_BxT"]], axis=0)
+    mask = jnp.concatenate([c["mask_BxT"], r["mask_BxT"]], axis=0)
+    return _split(model(tokens, mask), c["tokens_BxT"].shape[0])
+
+
+def avril_inputs(out: TQROutput, side) -> AvrilInputs:
+    response_BxT, _ = token_positions(side["tokens_BxT"], side["mask_BxT"], side["prompt_len_B"])
+    return AvrilInputs(out.q_values, out.reward_mean, out.reward_sigma, side["tokens_BxT"], response_BxT,
+                       side["mask_BxT"].astype(bool))
+
+
+def _last(out: TQROutput, side):
+    _, last_B = token_positions(side["tokens_BxT"], side["mask_BxT"], side["prompt_len_B"])
+    return gather_last(out.reward_mean, last_B)
+
+
+def make_loss_fn(cfg: LossConfig):
+    """`loss_fn(model, batch, rng) -> (loss, metrics)` for the train-step builder."""
+    def loss_fn(model, batch, rng):
+        del rng
+        if cfg.objective == "ava_d":  # demonstrations: the chosen halves only
+            side = batch["chosen"]
+            return ava_d_loss(avril_inputs(model(side["tokens_BxT"], side["mask_BxT"]), side), cfg)
+        out_c, out_r = forward_pair(model, batch)
+        if cfg.objective == "ava_p":
+            return ava_p_loss(avril_inputs(out_c, batch["chosen"]), avril_inputs(out_r, batch["rejected"]), cfg)
+        if cfg.objective == "bt":
+            return bradley_terry_loss(_last(out_c, batch["chosen"]), _last(out_r, batch["rejected"]))
+        if cfg.objective == "pt":
+            # reward_mean already carries w_t (TQR multiplies the head by the weighting), so the
+            # score sum_t w_t r_t is the plain sum of reward_mean over real positions.
+            c, r = batch["chosen"], batch["rejected"]
+            ones_c, ones_r = jnp.ones_like(out_c.reward_mean), jnp.ones_like(out_r.reward_mean)
+            return preference_transformer_loss(out_c.reward_mean, ones_c, out_r.reward_mean, ones_r,
+                                               c["mask_BxT"], r["mask_BxT"])
+        raise ValueError(f"objective={cfg.objective!r} has no loss here")
+    return loss_fn
+
+
+def make_score_fn(cfg: LossConfig, score: str = "last"):
+    """`score_fn(model, side) -> (score_B, sigma_B)`: the reward-model score of each sequence.
+
+    AVA: `eval.score="last"` is the reward mean of the last response transition (its sigma is the
+    uncertainty); `"sum"` sums the reward means over response transitions (sigma adds in quadrature).
+    BT: the scalar reward at the last real token. PT: sum_t w_t r_t. Baselines have sigma 0.
+    """
+    if score not in ("last", "sum"):
+        raise ValueError(f"eval.score={score!r} is not one of ('last', 'sum')")
+
+    def score_fn(model, side):
+        out = model(side["tokens_BxT"], side["mask_BxT"])
+        zeros = jnp.zeros(side["tokens_BxT"].shape[:1], jnp.float32)
+        if cfg.objective in ("ava_p", "ava_d"):
+            terms = avril_terms(*avril_inputs(out, side), cfg)
+            if score == "last":
+                return terms["mu_last_B"], terms["sigma_last_B"]
+            m = terms["mask_BxN"]
+            mu = jnp.sum(jnp.where(m, terms["mu_BxN"], 0.0), axis=1)
+            var = jnp.sum(jnp.where(m, jnp.square(terms["sigma_BxN"]), 0.0), axis=1)
+            return mu, jnp.sqrt(var)
+        if cfg.objective == "bt":
+            return _last(out, side), zeros
+        if cfg.objective == "pt":
+            return jnp.sum(jnp.where(side["mask_BxT"].astype(bool), out.reward_mean, 0.0), axis=1), zeros
+        raise ValueError(f"objective={cfg.objective!r} has no score here")
+    return score_fn

@@ -1,0 +1,215 @@
+"""The `reward_model` pipeline (paper Table 1): train a TQR reward model on preference pairs with
+AVA-p, AVA-d (chosen halves), Bradley-Terry or the Preference Transformer, evaluate pairwise
+accuracy on validation and test, and checkpoint (latest + best, resumable with the data position).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+
+import jax
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from ava_jax import config as cfglib
+from ava_jax import sharding as shd
+from ava_jax.data import (HH_HARMLESS_BASE_TEST, PairArrays, SeqArrays, make_iterator, read_preferences, split_hh,
+                          split_rows, tokenize_pairs)
+from ava_jax.data import synthetic as syn
+from ava_jax.eval.reward import pair_scores, pairwise_metrics
+from ava_jax.losses import LossConfig
+from ava_jax.models import TQR, param_count
+from ava_jax.objectives import make_loss_fn, make_score_fn
+from ava_jax.train.checkpoint import RunCheckpointer
+from ava_jax.train.loop import LoopOptions, train_loop
+from ava_jax.train.metrics import MetricWriter
+from ava_jax.train.step import StepOptions, init_train_state, make_train_step
+
+log = logging.getLogger(__name__)
+OBJECTIVES = ("ava_p", "ava_d", "bt", "pt")
+
+
+@dataclasses.dataclass
+class RewardModelResult:
+    objective: str
+    metrics: dict  # split -> pairwise metrics
+    checkpoint_dir: str | None
+    wall_s: float
+    extra: dict  # e.g. the synthetic task's Bayes-optimal accuracy and reward rank correlation
+    graphdef: object = dataclasses.field(default=None, repr=False)  # nnx.merge(graphdef, params) -> TQR
+    params: object = dataclasses.field(default=None, repr=False)
+    splits: dict = dataclasses.field(default=None, repr=False)  # the tokenised data, for notebooks
+
+
+def loss_config(c: ml_collections.ConfigDict) -> LossConfig:
+    if c.objective not in OBJECTIVES:
+        raise ValueError(f"config.objective={c.objective!r} is not one of {OBJECTIVES}")
+    kw = dict(c.loss)
+    return LossConfig(objective=c.objective, reward_align=c.model.reward_align, **kw)
+
+
+def _synthetic_arrays(p: syn.SyntheticPreferences) -> PairArrays:
+    def side(prefix):
+        tokens, mask, plen = (getattr(p, f"{prefix}_{k}") for k in ("tokens_NxT", "mask_NxT", "prompt_len_N"))
+        seqs = tuple(np.asarray(t[m.astype(bool)], np.int32) for t, m in zip(tokens, mask))
+        return SeqArrays(tokens=seqs, prompt_len_N=np.asarray(plen, np.int32),
+                         line_N=np.arange(1, len(seqs) + 1, dtype=np.int32), max_len=tokens.shape[1])
+    return PairArrays(chosen=side("chosen"), rejected=side("rejected"))
+
+
+def synthetic_config(d: ml_collections.ConfigDict, data_seed: int) -> syn.SyntheticConfig:
+    return syn.SyntheticConfig(vocab_size=d.vocab_size, prompt_len=d.prompt_len, response_len=d.response_len,
+                               bt_temperature=d.bt_temperature, num_examples=d.num_examples, seed=d.seed,
+                               data_seed=data_seed)
+
+
+def prepare_data(c: ml_collections.ConfigDict, tokenizer):
+    """Returns ({split: PairArrays}, pad_id, extra info)."""
+    d = c.data
+    if d.source == "synthetic":
+        splits, extra = {}, {}
+        for i, name in enumerate(("train", "validation", "test")):
+            scfg = synthetic_config(d.synthetic, data_seed=d.synthetic.data_seed + i)
+            if name != "train":
+                scfg = dataclasses.replace(scfg, num_examples=d.synthetic.num_eval_examples)
+            prefs = syn.make_preference_dataset(scfg)
+            splits[name] = _synthetic_arrays(prefs)
+            extra[f"{name}_bayes_optimal_accuracy"] = prefs.bayes_optimal_accuracy
+            extra[f"{name}_prefs"] = prefs
+        return splits, syn.EOS_ID, extra
+    if tokenizer is None:
+        raise ValueError(f"model.path={c.model.path!r} has no tokenizer; data.source={d.source!r} needs one")
+    if d.source == "hh":
+        rows, report = split_hh(d.path or HH_HARMLESS_BASE_TEST, on_bad_row=d.on_bad_row,
+                                max_bad_fraction=d.max_bad_fraction)
+        log.info("HH-RLHF %s: %d rows, %d kept, bad rows by reason %s", report.path, report.n_rows, report.n_kept,
+                 dict(report.bad_counts))
+    elif d.source == "jsonl":
+        if not d.path:
+            raise ValueError("data.source='jsonl' needs --config.data.path=FILE")
+        all_rows, report = read_preferences(d.path, d.format, on_bad_row=d.on_bad_row,
+                                            max_bad_fraction=d.max_bad_fraction)
+        rows = split_rows(all_rows)
+        log.info("%s: %d rows, %d kept, bad rows by reason %s", d.path, report.n_rows, report.n_kept,
+                 dict(report.bad_counts))
+    else:
+        raise ValueError(f"data.source={d.source!r} is not one of ('hh', 'jsonl', 'synthetic')")
+    splits = {}
+    for name in ("train", "validation", "test"):
+        part = rows[name]
+        if d.get(f"max_{name}_pairs"):
+            part = part[: d[f"max_{name}_pairs"]]
+        arrays, rep = tokenize_pairs(part, tokenizer, d.max_len, check_roundtrip=d.check_roundtrip,
+                                     on_bad_row=d.on_bad_row, max_bad_fraction=d.max_bad_fraction)
+        log.info("%s: %d pairs tokenised (%d truncated: %d prompts cut, %d responses cut; bad %s)", name,
+                 rep.n_kept, rep.n_truncated, rep.n_prompt_truncated, rep.n_response_truncated, dict(rep.bad_counts))
+        splits[name] = arrays
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else (tokenizer.eos_id or 0)
+    return splits, pad, {}
+
+
+def build_model(c: ml_collections.ConfigDict, vocab_size: int | None = None):
+    """A pretrained backbone (`model.path`) or a scratch one (`model.path="scratch"`, shape in model.scratch)."""
+    heads = cfglib.head_config(c.model)
+    if c.model.path == "scratch":
+        s = c.model.scratch
+        mcfg = cfglib.scratch_model_config(s, vocab_size=vocab_size, dtype=c.model.dtype,
+                                           param_dtype=c.model.param_dtype, remat=c.model.remat)
+        return TQR(mcfg, heads, rngs=nnx.Rngs(c.seed)), None
+    from ava_jax.checkpoints.load import load_pretrained
+    return load_pretrained(cfglib.resolve_path(c.model.path), heads=heads, dtype=c.model.dtype,
+                           param_dtype=c.model.param_dtype, remat=c.model.remat, rngs_seed=c.seed)
+
+
+def make_optimizer(t: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    schedule = optax.warmup_cosine_decay_schedule(0.0, t.learning_rate, max(t.warmup_steps, 1),
+                                                  max(t.steps, t.warmup_steps + 1),
+                                                  end_value=t.learning_rate * t.final_lr_fraction)
+    return optax.chain(optax.clip_by_global_norm(t.grad_clip),
+                       optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=t.weight_decay))
+
+
+def run(config: ml_collections.ConfigDict) -> RewardModelResult:
+    t0 = time.perf_counter()
+    lcfg = loss_config(config)
+    vocab = config.data.synthetic.vocab_size if config.data.source == "synthetic" else None
+    model, tokenizer = build_model(config, vocab)
+    splits, pad_id, extra = prepare_data(config, tokenizer)
+    mesh = shd.make_mesh(**vars(cfglib.mesh_config(config.mesh)))
+    t = config.train
+    optimizer = make_optimizer(t)
+    with jax.set_mesh(mesh):
+        graphdef, state = init_train_state(model, optimizer, mesh)
+        log.info("mesh: %s; %s backbone, %d parameters; objective %s; %d train pairs", shd.describe(mesh),
+                 model.cfg.arch, param_count(model), config.objective, len(splits["train"]))
+        it = make_iterator(splits["train"], t.batch_size, config.seed, pad_id=pad_id,
+                           pad_to_multiple=config.data.pad_to_multiple)
+        example = next(make_iterator(splits["train"], t.batch_size, config.seed, pad_id=pad_id,
+                                     pad_to_multiple=config.data.pad_to_multiple))
+        step = make_train_step(graphdef, make_loss_fn(lcfg), optimizer, mesh, state, example,
+                               StepOptions(accum_steps=t.accum_steps))
+        ckpt = RunCheckpointer(config.workdir, best_metric="accuracy") if config.workdir else None
+        if ckpt is not None and ckpt.latest_step() is not None:
+            state = ckpt.restore(state, it)
+            log.info("resuming %s at step %d", config.workdir, int(state.step))
+        score_fn = make_score_fn(lcfg, config.eval.score)
+
+        def evaluate(split, state):
+            scores = pair_scores(score_fn, graphdef, state.params, splits[split], batch_size=config.eval.batch_size,
+                                 pad_id=pad_id, pad_to_multiple=config.data.pad_to_multiple)
+            return pairwise_metrics(scores), scores
+
+        writer = MetricWriter(config.workdir or None)
+        opts = LoopOptions(num_steps=t.steps, log_every=t.log_every, eval_every=t.eval_every,
+                           checkpoint_every=t.checkpoint_every,
+                           max_consecutive_bad_steps=t.max_consecutive_bad_steps, progress=t.progress)
+        state, _ = train_loop(step, state, it, jax.random.key(config.seed), opts, writer=writer, checkpointer=ckpt,
+                              eval_fn=lambda s: evaluate("validation", s)[0])
+        results = {}
+        for split in ("validation", "test"):
+            results[split], scores = evaluate(split, state)
+            writer.write(int(state.step), results[split], prefix=f"final_{split}/")
+            if config.data.source == "synthetic":
+                extra.update(_synthetic_diagnostics(split, extra[f"{split}_prefs"], graphdef, state.params, lcfg,
+                                                    config, pad_id, splits[split]))
+        writer.close()
+        ckpt_dir = os.path.join(config.workdir, "checkpoints", str(int(state.step))) if ckpt else None
+        if ckpt:
+            ckpt.close()
+    extra = {k: v for k, v in extra.items() if not k.endswith("_prefs")}
+    result = RewardModelResult(config.objective, results, ckpt_dir, time.perf_counter() - t0, extra, graphdef,
+                               state.params, splits)
+    print(format_result(result))
+    return result
+
+
+def _synthetic_diagnostics(split, prefs, graphdef, params, lcfg, config, pad_id, arrays):
+    """Prefix-pair accuracy and rank correlation of learned per-token reward means with the truth."""
+    from ava_jax.eval.intermediate import token_reward_means
+    mu_c = token_reward_means(graphdef, params, lcfg, arrays.chosen, prefs.chosen_tokens_NxT.shape[1], pad_id,
+                              config.eval.batch_size)
+    mu_r = token_reward_means(graphdef, params, lcfg, arrays.rejected, prefs.rejected_tokens_NxT.shape[1], pad_id,
+                              config.eval.batch_size)
+    pairs = syn.make_prefix_pairs(prefs)
+    mask = np.concatenate([prefs.chosen_true_reward_NxT != 0, prefs.rejected_true_reward_NxT != 0])
+    true = np.concatenate([prefs.chosen_true_reward_NxT, prefs.rejected_true_reward_NxT])
+    rho = syn.spearman(np.concatenate([mu_c, mu_r]), true, mask=mask)
+    return {f"{split}_bayes_optimal_accuracy": prefs.bayes_optimal_accuracy,
+            f"{split}_prefix_accuracy": syn.prefix_pair_accuracy(pairs, mu_c, mu_r),
+            f"{split}_reward_spearman": float(rho)}
+
+
+def format_result(r: RewardModelResult) -> str:
+    lines = [f"\n{r.objective}: finished in {r.wall_s:.0f} s", "| split | pairs | accuracy | margin | acc (low sigma) "
+             "| acc (high sigma) |", "|---|---|---|---|---|---|"]
+    for split, m in r.metrics.items():
+        lines.append(f"| {split} | {m['pairs']:.0f} | {m['accuracy']:.4f} | {m['margin']:.4f} | "
+                     f"{m.get('acc_low_sigma', float('nan')):.4f} | {m.get('acc_high_sigma', float('nan')):.4f} |")
+    for k, v in r.extra.items():
+        lines.append(f"{k}: {v:.4f}")
+    lines.append(f"checkpoint: {r.checkpoint_dir or '(none: set --config.workdir=DIR)'}")
+    return "\n".join(lines)

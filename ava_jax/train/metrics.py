@@ -1,0 +1,40 @@
+"""Metric sinks: a JSONL file (one object per write) and TensorBoard event files (tensorboardX)."""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+
+class MetricWriter:
+    """Writes scalars to `<workdir>/metrics.jsonl` and `<workdir>/tb/`; a no-op without a workdir."""
+
+    def __init__(self, workdir: str | None):
+        self.workdir = workdir
+        self._jsonl = None
+        self._tb = None
+        if workdir:
+            os.makedirs(workdir, exist_ok=True)
+            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+            from tensorboardX import SummaryWriter  # imported lazily: it pulls in protobuf
+            self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+
+    def write(self, step: int, metrics: dict[str, float], prefix: str = "") -> None:
+        named = {f"{prefix}{k}": float(v) for k, v in metrics.items()}
+        if self._jsonl:
+            self._jsonl.write(json.dumps({"step": int(step), "time": time.time(), **named}) + "\n")
+            self._jsonl.flush()
+        if self._tb:
+            for k, v in named.items():
+                self._tb.add_scalar(k, v, int(step))
+
+    def close(self) -> None:
+        if self._jsonl:
+            self._jsonl.close()
+        if self._tb:
+            self._tb.close()
+
+
+def read_jsonl(path: str) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]

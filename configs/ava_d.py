@@ -1,0 +1,13 @@
+"""AVA-d (demonstrations: the chosen halves), pipeline `reward_model`.
+
+  python -m ava_jax.main --config=configs/ava_d.py                 # bundled HH-RLHF harmless + TinyStories-260K
+  python -m ava_jax.main --config=configs/ava_d.py:tiny            # a few steps (the tests run this)
+  python -m ava_jax.main --config=configs/ava_d.py:synthetic       # ground-truth token MDP
+  python -m ava_jax.main --config=configs/ava_d.py:paper --config.model.path=/path/to/gpt2 --config.workdir=runs/ava_d
+Any field can be overridden, e.g. --config.train.steps=1000 --config.workdir=runs/ava_d (resumes if it exists).
+"""
+from ava_jax.config import reward_model_config
+
+
+def get_config(arg=None):
+    return reward_model_config("ava_d", arg)
