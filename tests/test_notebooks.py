@@ -1,0 +1,21 @@
+"""The notebooks run top to bottom (with a short training budget)."""
+import os
+
+import pytest
+
+from conftest import REPO
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+
+
+def test_reward_modeling_notebook(tmp_path, monkeypatch):
+    monkeypatch.setenv("AVA_NB_STEPS", "12")
+    path = os.path.join(REPO, "notebooks", "reward_modeling.ipynb")
+    nb = nbformat.read(path, as_version=4)
+    nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+                            ).execute()
+    outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "ava_p: test accuracy" in outputs and "bt: test accuracy" in outputs
+    images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert len(images) == 2
