@@ -70,7 +70,7 @@ def synthetic_config(d: ml_collections.ConfigDict, data_seed: int) -> syn.Synthe
 def prepare_data(c: ml_collections.ConfigDict, tokenizer):
     """Returns ({split: PairArrays}, pad_id, extra info)."""
     d = c.data
-    if d.source == "synthetic":
+    if d.format == "synthetic":
         splits, extra = {}, {}
         for i, name in enumerate(("train", "validation", "test")):
             scfg = synthetic_config(d.synthetic, data_seed=d.synthetic.data_seed + i)
@@ -82,22 +82,22 @@ def prepare_data(c: ml_collections.ConfigDict, tokenizer):
             extra[f"{name}_prefs"] = prefs
         return splits, syn.EOS_ID, extra
     if tokenizer is None:
-        raise ValueError(f"model.path={c.model.path!r} has no tokenizer; data.source={d.source!r} needs one")
-    if d.source == "hh":
+        raise ValueError(f"model.path={c.model.path!r} has no tokenizer; data.format={d.format!r} needs one")
+    if d.format == "hh":
         rows, report = split_hh(d.path or HH_HARMLESS_BASE_TEST, on_bad_row=d.on_bad_row,
                                 max_bad_fraction=d.max_bad_fraction)
         log.info("HH-RLHF %s: %d rows, %d kept, bad rows by reason %s", report.path, report.n_rows, report.n_kept,
                  dict(report.bad_counts))
-    elif d.source == "jsonl":
+    elif d.format == "jsonl":
         if not d.path:
-            raise ValueError("data.source='jsonl' needs --config.data.path=FILE")
-        all_rows, report = read_preferences(d.path, d.format, on_bad_row=d.on_bad_row,
+            raise ValueError("data.format='jsonl' needs --config.data.path=FILE")
+        all_rows, report = read_preferences(d.path, "jsonl", on_bad_row=d.on_bad_row,
                                             max_bad_fraction=d.max_bad_fraction)
         rows = split_rows(all_rows)
         log.info("%s: %d rows, %d kept, bad rows by reason %s", d.path, report.n_rows, report.n_kept,
                  dict(report.bad_counts))
     else:
-        raise ValueError(f"data.source={d.source!r} is not one of ('hh', 'jsonl', 'synthetic')")
+        raise ValueError(f"data.format={d.format!r} is not one of ('hh', 'jsonl', 'synthetic')")
     splits = {}
     for name in ("train", "validation", "test"):
         part = rows[name]
@@ -107,6 +107,10 @@ def prepare_data(c: ml_collections.ConfigDict, tokenizer):
                                      on_bad_row=d.on_bad_row, max_bad_fraction=d.max_bad_fraction)
         log.info("%s: %d pairs tokenised (%d truncated: %d prompts cut, %d responses cut; bad %s)", name,
                  rep.n_kept, rep.n_truncated, rep.n_prompt_truncated, rep.n_response_truncated, dict(rep.bad_counts))
+        if len(arrays) == 0:
+            raise ValueError(f"data.path={d.path or 'bundled HH-RLHF'!r}: the {name} split has no pairs "
+                             f"(split sizes by prompt hash: { {k: len(v) for k, v in rows.items()} }); "
+                             "use a larger file")
         splits[name] = arrays
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else (tokenizer.eos_id or 0)
     return splits, pad, {}
@@ -136,7 +140,7 @@ def make_optimizer(t: ml_collections.ConfigDict) -> optax.GradientTransformation
 def run(config: ml_collections.ConfigDict) -> RewardModelResult:
     t0 = time.perf_counter()
     lcfg = loss_config(config)
-    vocab = config.data.synthetic.vocab_size if config.data.source == "synthetic" else None
+    vocab = config.data.synthetic.vocab_size if config.data.format == "synthetic" else None
     model, tokenizer = build_model(config, vocab)
     splits, pad_id, extra = prepare_data(config, tokenizer)
     mesh = shd.make_mesh(**vars(cfglib.mesh_config(config.mesh)))
@@ -173,7 +177,7 @@ def run(config: ml_collections.ConfigDict) -> RewardModelResult:
         for split in ("validation", "test"):
             results[split], scores = evaluate(split, state)
             writer.write(int(state.step), results[split], prefix=f"final_{split}/")
-            if config.data.source == "synthetic":
+            if config.data.format == "synthetic":
                 extra.update(_synthetic_diagnostics(split, extra[f"{split}_prefs"], graphdef, state.params, lcfg,
                                                     config, pad_id, splits[split]))
         writer.close()

@@ -1,0 +1,99 @@
+"""Train-step time of each reward-model objective on the same backbone and batch, side by side.
+
+Prints the AVA-p (and AVA-d, PT) step time over the Bradley-Terry step time; the project's target is
+AVA-p at most 1.2x BT.
+
+  python bench/reward_step.py                         # TinyStories-260K and a GPT-2-small-shaped model
+  python bench/reward_step.py --models tiny --pairs 16 --seq 256
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from ava_jax import sharding as shd
+from ava_jax.checkpoints.load import load_pretrained
+from ava_jax.config import BUNDLED
+from ava_jax.losses import LossConfig
+from ava_jax.models import HeadConfig, ModelConfig, TQR
+from ava_jax.objectives import make_loss_fn
+from ava_jax.train.step import init_train_state, make_train_step
+
+
+def make_model(name, heads, dtype):
+    if name == "tiny":
+        return load_pretrained(BUNDLED["tinystories-260k"], heads=heads, dtype=dtype)[0]
+    if name == "gpt2-small":
+        cfg = ModelConfig(arch="gpt2", vocab_size=50257, d_model=768, n_layers=12, n_heads=12, n_kv_heads=12,
+                          d_ff=3072, max_seq_len=1024, dtype=dtype)
+        return TQR(cfg, heads, rngs=nnx.Rngs(0))
+    raise SystemExit(f"unknown model {name!r}")
+
+
+def pair_batch(B, T, V, seed=0):
+    rng = np.random.default_rng(seed)
+
+    def side():
+        lens = rng.integers(T // 2, T + 1, B)
+        return {"tokens_BxT": rng.integers(3, V, (B, T)).astype(np.int32),
+                "mask_BxT": (np.arange(T)[None] < lens[:, None]).astype(np.int32),
+                "prompt_len_B": (lens // 3).astype(np.int32)}
+    return {"chosen": side(), "rejected": side()}
+
+
+def step_time(name, objective, weighting, batch, reps, dtype):
+    model = make_model(name, HeadConfig(reward_weighting=weighting), dtype)
+    mesh = shd.make_mesh()
+    opt = optax.adamw(1e-5)
+    with jax.set_mesh(mesh):
+        g, state = init_train_state(model, opt, mesh)
+        step = make_train_step(g, make_loss_fn(LossConfig(objective=objective)), opt, mesh, state, batch)
+        box = [state]
+
+        def run():
+            box[0], m = step(box[0], batch, jax.random.key(0))
+            jax.block_until_ready(m)
+
+        run()
+        ts = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            run()
+            ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="tiny,gpt2-small")
+    p.add_argument("--pairs", type=int, default=8)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--dtype", default="float32")
+    args = p.parse_args()
+    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; {args.pairs} pairs x {args.seq} tokens, "
+          f"median of {args.reps} steps after one warm-up")
+    print("| model | BT step s | PT step s | AVA-p step s | AVA-d step s | AVA-p / BT | AVA-p (rwt off) / BT |")
+    print("|---|---|---|---|---|---|---|")
+    for name in args.models.split(","):
+        V = 512 if name == "tiny" else 50257
+        batch = pair_batch(args.pairs, args.seq, V)
+        reps = args.reps if name == "tiny" else max(2, args.reps // 2)
+        t = {(o, w): step_time(name, o, w, batch, reps, args.dtype)
+             for o, w in (("bt", "none"), ("pt", "attention"), ("ava_p", "attention"), ("ava_p", "none"),
+                          ("ava_d", "attention"))}
+        bt = t[("bt", "none")]
+        print(f"| {name} | {bt:.4f} | {t[('pt', 'attention')]:.4f} | {t[('ava_p', 'attention')]:.4f} | "
+              f"{t[('ava_d', 'attention')]:.4f} | {t[('ava_p', 'attention')] / bt:.2f}x | "
+              f"{t[('ava_p', 'none')] / bt:.2f}x |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
