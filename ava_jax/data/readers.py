@@ -156,27 +156,15 @@ def read_preferences(
     if format not in PREFERENCE_FORMATS:
         raise ValueError(f"format must be one of {PREFERENCE_FORMATS}, got {format!r}")
     path = os.fspath(path)
-    policy = validate.BadRowPolicy(path, on_bad_row, max_bad_fraction)
-    rows, n_rows, n_blank = [], 0, 0
-    for line_no, obj in iter_json_lines(path):
-        if obj is None:
-            n_blank += 1
-            continue
-        n_rows += 1
-        try:
-            if isinstance(obj, InvalidRow):
-                raise obj
-            if format == "hh":
-                prompt, chosen, rejected = parse_hh_pair(obj)
-            else:
-                prompt, chosen, rejected = parse_jsonl_pair(
-                    obj, responses_include_prompt=responses_include_prompt)
-        except InvalidRow as err:
-            policy.bad(line_no, err)
-            continue
-        rows.append(PreferenceRow(prompt, chosen, rejected, source=path, line=line_no))
-    counts = policy.finish(n_rows)
-    return tuple(rows), ReadReport(path, format, n_rows, len(rows), counts, n_blank)
+
+    def parse(obj, line_no):
+        if format == "hh":
+            prompt, chosen, rejected = parse_hh_pair(obj)
+        else:
+            prompt, chosen, rejected = parse_jsonl_pair(obj, responses_include_prompt=responses_include_prompt)
+        return PreferenceRow(prompt, chosen, rejected, source=path, line=line_no)
+
+    return _read_rows(path, format, parse, on_bad_row, max_bad_fraction)
 
 
 def read_demonstrations(
@@ -192,6 +180,23 @@ def read_demonstrations(
     if format not in DEMONSTRATION_FORMATS:
         raise ValueError(f"format must be one of {DEMONSTRATION_FORMATS}, got {format!r}")
     path = os.fspath(path)
+
+    def parse(obj, line_no):
+        if format == "hh":
+            field = "chosen"
+            prompt, response = split_hh_dialogue(validate.require_str(obj, field), field)
+        else:
+            field = "response"
+            prompt = validate.require_str(obj, "prompt")
+            response = validate.require_str(obj, field)
+        validate.check_response(response, field)
+        return DemonstrationRow(prompt, response, source=path, line=line_no)
+
+    return _read_rows(path, format, parse, on_bad_row, max_bad_fraction)
+
+
+def _read_rows(path: str, format: str, parse, on_bad_row: str, max_bad_fraction: float):  # noqa: A002
+    """Reads JSON lines through `parse(obj, line_no) -> row`; bad rows go to the BadRowPolicy."""
     policy = validate.BadRowPolicy(path, on_bad_row, max_bad_fraction)
     rows, n_rows, n_blank = [], 0, 0
     for line_no, obj in iter_json_lines(path):
@@ -202,18 +207,9 @@ def read_demonstrations(
         try:
             if isinstance(obj, InvalidRow):
                 raise obj
-            if format == "hh":
-                field = "chosen"
-                prompt, response = split_hh_dialogue(validate.require_str(obj, field), field)
-            else:
-                field = "response"
-                prompt = validate.require_str(obj, "prompt")
-                response = validate.require_str(obj, field)
-            validate.check_response(response, field)
+            rows.append(parse(obj, line_no))
         except InvalidRow as err:
             policy.bad(line_no, err)
-            continue
-        rows.append(DemonstrationRow(prompt, response, source=path, line=line_no))
     counts = policy.finish(n_rows)
     return tuple(rows), ReadReport(path, format, n_rows, len(rows), counts, n_blank)
 
