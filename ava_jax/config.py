@@ -45,6 +45,9 @@ def resolve_path(path: str) -> str:
         if name not in BUNDLED:
             raise ValueError(f"model.path={path!r}: unknown bundled model; bundled: {sorted(BUNDLED)}")
         return BUNDLED[name]
+    if not path:
+        raise ValueError("model.path is empty: give a local checkpoint, e.g. --config.model.path=/path/to/gpt2 "
+                         "(a Hugging Face directory, a llama2.c .bin or a .gguf file)")
     if not os.path.exists(path):
         raise FileNotFoundError(f"model.path={path!r} does not exist")
     return path

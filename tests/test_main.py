@@ -31,3 +31,8 @@ def test_generate_tiny_prints_the_story():
     assert proc.returncode == 0, proc.stderr[-3000:]
     # Greedy from "Once upon a time" continues the documented TinyStories-260K story.
     assert "Once upon a time, there was a little girl named Lily" in proc.stdout, proc.stdout
+
+
+def test_paper_variant_without_a_checkpoint_path_says_so():
+    proc = run_main("--config=configs/ava_p.py:paper")
+    assert proc.returncode != 0 and "model.path is empty" in proc.stderr
