@@ -28,5 +28,5 @@ def test_fit_spec_replicates_indivisible_dims():
 
     assert shd.fit_spec(P("fsdp", "tensor", None), (32, 4, 16), M) == P("fsdp")
     assert shd.fit_spec(P("fsdp", "tensor"), (32, 64), M) == P("fsdp", "tensor")
-    assert shd.param_spec("backbone/blocks/0/attn/wq", (32, 8, 4), mesh) == P("fsdp", "tensor", None)
+    assert shd.param_spec("backbone/blocks/0/attn/wq", (32, 8, 4), mesh) == P("fsdp", "tensor")
     assert shd.param_spec("backbone/ln_final/scale", (32,), mesh) == P()
