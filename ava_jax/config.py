@@ -115,7 +115,7 @@ def reward_model_config(objective: str, variant: str | None) -> ml_collections.C
         use_neg=True, use_irl=True, use_cer=True, neg_floor=ml_collections.config_dict.placeholder(float),
         cer_weight=1.0))
     c.data = ml_collections.ConfigDict(dict(
-        format="hh", path="", max_len=256, pad_to_multiple=64, on_bad_row="skip",
+        format="hh", path="", tfds_dir="", max_len=256, pad_to_multiple=64, on_bad_row="skip",
         max_bad_fraction=0.01, check_roundtrip=True, max_train_pairs=0, max_validation_pairs=0,
         max_test_pairs=0))
     c.data.synthetic = ml_collections.ConfigDict(dict(vocab_size=16, prompt_len=4, response_len=8,

@@ -1,5 +1,6 @@
 """Objectives on the full model: padding tokens change nothing; JSONL data trains; NaN steps stop runs."""
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -87,6 +88,13 @@ def test_any_jsonl_file_trains(tmp_path):
     c.train.progress = False
     result = reward_model.run(c)
     assert sum(m["pairs"] for m in result.metrics.values()) > 0
+    # The same file through the TFDS array_record builder (prepared once, read back with grain).
+    pytest.importorskip("tensorflow_datasets")
+    c.data.update(format="tfds", tfds_dir=str(tmp_path / "tfds"))
+    via_tfds = reward_model.run(c)
+    assert via_tfds.metrics["test"]["pairs"] == result.metrics["test"]["pairs"]
+    assert os.path.isdir(tmp_path / "tfds")
+    c.data.update(format="jsonl")
     # A malformed row stops the run with an error naming the file and line (default on_bad_row).
     rows[5] = {"prompt": "x", "chosen": "same", "rejected": "same"}
     _write_jsonl(path, rows)

@@ -96,8 +96,19 @@ def prepare_data(c: ml_collections.ConfigDict, tokenizer):
         rows = split_rows(all_rows)
         log.info("%s: %d rows, %d kept, bad rows by reason %s", d.path, report.n_rows, report.n_kept,
                  dict(report.bad_counts))
+    elif d.format == "tfds":
+        # Too big to parse at every start: prepared once as an array_record TFDS dataset under
+        # data.tfds_dir (reused while the source file is unchanged), then read back through grain.
+        if not d.path:
+            raise ValueError("data.format='tfds' needs --config.data.path=FILE (a {prompt, chosen, rejected} JSONL)")
+        from ava_jax.data import tfds_builder
+        builder = tfds_builder.prepare_preferences(
+            d.path, d.tfds_dir or os.path.join(os.path.dirname(os.path.abspath(d.path)), "tfds"),
+            split_fractions={"train": 0.8, "validation": 0.1, "test": 0.1}, on_bad_row=d.on_bad_row,
+            max_bad_fraction=d.max_bad_fraction)
+        rows = {name: tfds_builder.read_tfds_preferences(builder, name) for name in ("train", "validation", "test")}
     else:
-        raise ValueError(f"data.format={d.format!r} is not one of ('hh', 'jsonl', 'synthetic')")
+        raise ValueError(f"data.format={d.format!r} is not one of ('hh', 'jsonl', 'tfds', 'synthetic')")
     splits = {}
     for name in ("train", "validation", "test"):
         part = rows[name]
