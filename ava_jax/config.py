@@ -126,6 +126,8 @@ def reward_model_config(objective: str, variant: str | None) -> ml_collections.C
         weight_decay=0.01, grad_clip=1.0, log_every=10, eval_every=100, checkpoint_every=100,
         max_consecutive_bad_steps=5, progress=True))
     c.eval = ml_collections.ConfigDict(dict(score="last", batch_size=64))
+    # The main job keeps its checkpoints (and resumes from them); the quick variants write nothing.
+    c.workdir = f"runs/{objective}" if variant in ("", "paper") else ""
     if variant in ("synthetic", "synthetic_tiny"):
         c.model.path = "scratch"
         c.data.format = "synthetic"

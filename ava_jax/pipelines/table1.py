@@ -63,6 +63,7 @@ def _set(c: ml_collections.ConfigDict, key: str, value) -> None:
 def row_config(row: Row, dataset: str, seed: int, overrides: dict) -> ml_collections.ConfigDict:
     c = reward_model_config(row.objective, DATASETS[dataset])
     c.seed = seed
+    c.workdir = ""  # every (row, seed) trains from scratch: no run directory to resume from
     c.train.progress = False
     for k, v in list(row.overrides) + list(overrides.get(dataset, {}).items()):
         _set(c, k, v)
