@@ -8,6 +8,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from ava_jax.models.positions import gather_last  # noqa: F401  re-exported: r at the last real token
+
 
 def _f32(x):
     return jnp.asarray(x, jnp.float32)
@@ -17,20 +19,6 @@ def _pair_mask(pair_mask_B, r_B):
     if pair_mask_B is None:
         return jnp.ones(r_B.shape, bool)
     return jnp.asarray(pair_mask_B).astype(bool)
-
-
-def gather_last(r_BxT, last_idx_B):
-    """Reward at the last real token of each row.
-
-    Args:
-      r_BxT: per-position scalar rewards.
-      last_idx_B: index of the last real token (`models.positions.token_positions`).
-
-    Returns:
-      r_B = r_BxT[b, last_idx_B[b]].
-    """
-    idx_B = jnp.asarray(last_idx_B, jnp.int32)
-    return jnp.take_along_axis(r_BxT, idx_B[:, None], axis=1)[:, 0]
 
 
 def _pair_metrics(loss_B, margin_B, valid_B):
