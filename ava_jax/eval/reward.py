@@ -8,16 +8,22 @@ from flax import nnx
 from ava_jax.data import make_dataset
 
 
-def pair_scores(score_fn, graphdef, params, arrays, *, batch_size: int, pad_id: int, pad_to_multiple: int | None):
-    """Scores every pair in file order. Returns dict of [N] arrays: score/sigma for chosen/rejected.
-
-    The last short batch is padded with repeats of its first row so no extra shape is compiled.
-    """
+def make_pair_scorer(score_fn, graphdef):
+    """The jitted `(params, batch) -> ((score_c, sigma_c), (score_r, sigma_r))`; build it once per run
+    so repeated evaluations reuse the compiled program."""
     @jax.jit
     def both(params, batch):
         model = nnx.merge(graphdef, params)
         return score_fn(model, batch["chosen"]), score_fn(model, batch["rejected"])
+    return both
 
+
+def pair_scores(scorer, params, arrays, *, batch_size: int, pad_id: int, pad_to_multiple: int | None):
+    """Scores every pair in file order with `make_pair_scorer`'s function.
+
+    Returns a dict of [N] arrays: score/sigma for chosen/rejected. The last short batch is padded with
+    repeats of its first row so no extra shape is compiled.
+    """
     ds = make_dataset(arrays, batch_size, 0, pad_id=pad_id, pad_to_multiple=pad_to_multiple, shuffle=False,
                       num_epochs=1, drop_remainder=False)
     out = {k: [] for k in ("score_c", "sigma_c", "score_r", "sigma_r")}
@@ -25,7 +31,7 @@ def pair_scores(score_fn, graphdef, params, arrays, *, batch_size: int, pad_id: 
         n = batch["index_B"].shape[0]
         if n < batch_size:
             batch = jax.tree.map(lambda x: np.concatenate([x, np.repeat(x[:1], batch_size - n, axis=0)]), batch)
-        (sc, gc), (sr, gr) = jax.device_get(both(params, {"chosen": batch["chosen"], "rejected": batch["rejected"]}))
+        (sc, gc), (sr, gr) = jax.device_get(scorer(params, {"chosen": batch["chosen"], "rejected": batch["rejected"]}))
         for k, v in zip(out, (sc, gc, sr, gr)):
             out[k].append(np.asarray(v[:n], np.float64))
     return {k: np.concatenate(v) if v else np.zeros((0,)) for k, v in out.items()}

@@ -17,10 +17,10 @@ from flax import nnx
 
 from ava_jax import config as cfglib
 from ava_jax import sharding as shd
-from ava_jax.data import (HH_HARMLESS_BASE_TEST, PairArrays, SeqArrays, make_iterator, read_preferences, split_hh,
-                          split_rows, tokenize_pairs)
+from ava_jax.data import (HH_HARMLESS_BASE_TEST, PairArrays, SeqArrays, make_dataset, make_iterator,
+                          read_preferences, split_hh, split_rows, tokenize_pairs)
 from ava_jax.data import synthetic as syn
-from ava_jax.eval.reward import pair_scores, pairwise_metrics
+from ava_jax.eval.reward import make_pair_scorer, pair_scores, pairwise_metrics
 from ava_jax.losses import LossConfig
 from ava_jax.models import TQR, param_count
 from ava_jax.objectives import make_loss_fn, make_score_fn
@@ -163,18 +163,19 @@ def run(config: ml_collections.ConfigDict) -> RewardModelResult:
                  model.cfg.arch, param_count(model), config.objective, len(splits["train"]))
         it = make_iterator(splits["train"], t.batch_size, config.seed, pad_id=pad_id,
                            pad_to_multiple=config.data.pad_to_multiple)
-        example = next(make_iterator(splits["train"], t.batch_size, config.seed, pad_id=pad_id,
-                                     pad_to_multiple=config.data.pad_to_multiple))
+        # Shapes for the step's shardings, from the dataset itself (no second prefetching iterator).
+        example = make_dataset(splits["train"], t.batch_size, config.seed, pad_id=pad_id,
+                               pad_to_multiple=config.data.pad_to_multiple)[0]
         step = make_train_step(graphdef, make_loss_fn(lcfg), optimizer, mesh, state, example,
                                StepOptions(accum_steps=t.accum_steps))
         ckpt = RunCheckpointer(config.workdir, best_metric="accuracy") if config.workdir else None
         if ckpt is not None and ckpt.latest_step() is not None:
             state = ckpt.restore(state, it)
             log.info("resuming %s at step %d", config.workdir, int(state.step))
-        score_fn = make_score_fn(lcfg, config.eval.score)
+        scorer = make_pair_scorer(make_score_fn(lcfg, config.eval.score), graphdef)
 
         def evaluate(split, state):
-            scores = pair_scores(score_fn, graphdef, state.params, splits[split], batch_size=config.eval.batch_size,
+            scores = pair_scores(scorer, state.params, splits[split], batch_size=config.eval.batch_size,
                                  pad_id=pad_id, pad_to_multiple=config.data.pad_to_multiple)
             return pairwise_metrics(scores), scores
 
