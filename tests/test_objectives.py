@@ -104,10 +104,12 @@ def test_any_jsonl_file_trains(tmp_path):
 
 
 def test_loop_stops_after_consecutive_nonfinite_steps():
-    def step(state, batch, key):
-        bad = jnp.float32(1.0) if int(state.step) >= 2 else jnp.float32(0.0)
-        return state.replace(step=state.step + 1), {"loss": (jnp.float32(1.0), jnp.float32(1.0)),
-                                                    "skipped": (bad, jnp.float32(1.0))}
+    def step(state, batch, key):  # steps 3, 4, 5, ... are bad, as make_train_step would count them
+        bad = int(state.step) >= 2
+        new = state.replace(step=state.step + 1, bad_steps=state.bad_steps + 1 if bad else jnp.int32(0))
+        one = jnp.float32(1.0)
+        return new, {"loss": (one, one), "skipped": (jnp.float32(bad), one),
+                     "bad_run": (new.bad_steps.astype(jnp.float32), one)}
 
     state = TrainState(step=jnp.int32(0), params={}, opt_state={}, bad_steps=jnp.int32(0))
     with pytest.raises(NonFiniteError, match=r"3 consecutive steps .* \[3, 4, 5\]"):

@@ -53,7 +53,7 @@ def train_loop(step_fn, state, data_iter, key, options: LoopOptions, *, writer: 
       (state, last eval metrics or None).
     """
     start = int(jax.device_get(state.step))
-    bad_run, bad_steps, prev = 0, [], None
+    prev = None
     evals = None
     bar = tqdm(total=options.num_steps, initial=start, disable=not options.progress, desc="train", unit="step")
     for step in range(start, options.num_steps):
@@ -62,7 +62,7 @@ def train_loop(step_fn, state, data_iter, key, options: LoopOptions, *, writer: 
             batch = on_batch(batch)
         state, metrics = step_fn(state, batch, key)
         if prev is not None:  # the previous step's flag: dispatched one step ago, so this rarely waits
-            bad_run, bad_steps = _track_bad(prev, bad_run, bad_steps, options)
+            _check_bad(prev, options)
         prev = (step + 1, metrics)
         done = step + 1
         if done % options.log_every == 0 or done == options.num_steps:
@@ -81,22 +81,19 @@ def train_loop(step_fn, state, data_iter, key, options: LoopOptions, *, writer: 
                                          or done == options.num_steps):
             checkpointer.save(done, state, data_iter, force=True)
     if prev is not None:
-        _track_bad(prev, bad_run, bad_steps, options)
+        _check_bad(prev, options)
     bar.close()
     return state, evals
 
 
-def _track_bad(prev, bad_run, bad_steps, options):
+def _check_bad(prev, options):
+    """Raises once the step's consecutive non-finite count (kept in TrainState) reaches the limit."""
     step, metrics = prev
-    if float(jax.device_get(metrics["skipped"][0])) > 0:
-        bad_run += 1
-        bad_steps = bad_steps + [step]
+    run = int(jax.device_get(metrics["bad_run"][0]))
+    if run:
         log.warning("step %d: non-finite loss or gradient, update skipped", step)
-        if bad_run >= options.max_consecutive_bad_steps:
-            raise NonFiniteError(
-                f"{bad_run} consecutive steps had a non-finite loss or gradient (steps "
-                f"{bad_steps[-bad_run:]}); stopping (train.max_consecutive_bad_steps="
-                f"{options.max_consecutive_bad_steps})")
-    else:
-        bad_run = 0
-    return bad_run, bad_steps
+    if run >= options.max_consecutive_bad_steps:
+        raise NonFiniteError(
+            f"{run} consecutive steps had a non-finite loss or gradient (steps "
+            f"{list(range(step - run + 1, step + 1))}); stopping (train.max_consecutive_bad_steps="
+            f"{options.max_consecutive_bad_steps})")

@@ -154,6 +154,8 @@ def make_train_step(graphdef, loss_fn, optimizer: optax.GradientTransformation, 
                                bad_steps=jnp.where(ok, 0, state.bad_steps + 1))
         metrics = dict(metrics)
         metrics["skipped"] = (1.0 - ok.astype(jnp.float32), jnp.float32(1.0))
+        # The run of consecutive bad steps lives in the (checkpointed) state, so it survives a resume.
+        metrics["bad_run"] = (new_state.bad_steps.astype(jnp.float32), jnp.float32(1.0))
         metrics["grad_norm"] = (jnp.where(ok, optax.tree.norm(grads), 0.0), ok.astype(jnp.float32))
         return new_state, metrics
 
