@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 
 from ava_jax.losses import (AvrilInputs, LossConfig, ava_d_loss, ava_p_loss, avril_terms, bradley_terry_loss,
-                            gather_last, preference_transformer_loss)
+                            gather_last, preference_transformer_loss, transition_masks)
+from ava_jax.losses.lm import token_logprobs
 from ava_jax.models.positions import token_positions
 from ava_jax.models.tqr import TQROutput
 
@@ -42,16 +43,34 @@ def _last(out: TQROutput, side):
     return gather_last(out.reward_mean, last_B)
 
 
+def lm_loglik(out: TQROutput, side, include_prompt: bool = False):
+    """(sum, count) of the backbone LM's log-likelihood of the counted actions (response tokens).
+
+    Read from the LM logits, not from Q, so a policy flattened by the TD term shows here whatever
+    the Q parameterisation (method.md section 6).
+    """
+    response_BxT, _ = token_positions(side["tokens_BxT"], side["mask_BxT"], side["prompt_len_B"])
+    mask_BxN = transition_masks(response_BxT, side["mask_BxT"], include_prompt)[0]
+    tokens_BxT = jnp.where(side["mask_BxT"].astype(bool), side["tokens_BxT"], 0)
+    logp_BxN = token_logprobs(out.logits, tokens_BxT)
+    return (jnp.sum(jnp.where(mask_BxN, logp_BxN, 0.0)), jnp.sum(mask_BxN, dtype=jnp.float32))
+
+
 def make_loss_fn(cfg: LossConfig):
     """`loss_fn(model, batch, rng) -> (loss, metrics)` for the train-step builder."""
     def loss_fn(model, batch, rng):
         del rng
         if cfg.objective == "ava_d":  # demonstrations: the chosen halves only
             side = batch["chosen"]
-            return ava_d_loss(avril_inputs(model(side["tokens_BxT"], side["mask_BxT"]), side), cfg)
+            out = model(side["tokens_BxT"], side["mask_BxT"])
+            loss, metrics = ava_d_loss(avril_inputs(out, side), cfg)
+            return loss, {**metrics, "lm_loglik_chosen": lm_loglik(out, side, cfg.include_prompt)}
         out_c, out_r = forward_pair(model, batch)
         if cfg.objective == "ava_p":
-            return ava_p_loss(avril_inputs(out_c, batch["chosen"]), avril_inputs(out_r, batch["rejected"]), cfg)
+            loss, metrics = ava_p_loss(avril_inputs(out_c, batch["chosen"]), avril_inputs(out_r, batch["rejected"]),
+                                       cfg)
+            return loss, {**metrics, "lm_loglik_chosen": lm_loglik(out_c, batch["chosen"], cfg.include_prompt),
+                          "lm_loglik_rejected": lm_loglik(out_r, batch["rejected"], cfg.include_prompt)}
         if cfg.objective == "bt":
             return bradley_terry_loss(_last(out_c, batch["chosen"]), _last(out_r, batch["rejected"]))
         if cfg.objective == "pt":

@@ -32,22 +32,36 @@ def np_rows(q, mu, sigma, tokens, resp, mask, cfg):
             m, s = float(mu[b, p]), float(sigma[b, p])
             kl = 0.5 * (m * m + s * s - 1.0) - math.log(s)
             td = None
+            delta = None
             if t + 1 in counted:
                 delta = q[b, t, a] - cfg.gamma * q[b, t + 1, int(tokens[b, t + 2])]
+            elif cfg.td_terminal == "zero" and t == counted[-1]:  # V = 0 after the final token
+                delta = q[b, t, a]
+            if delta is not None:
                 td = -0.5 * math.log(2 * math.pi * s * s) - (delta - m) ** 2 / (2 * s * s)
             row.append(dict(t=t, lik=lik, kl=kl, td=td, mu=m))
         rows.append(row)
     return rows
 
 
+def np_mean(values, sequence):
+    """A row's term: its sum ("token"), or its mean over the row ("sequence"; 0 for an empty row)."""
+    values = list(values)
+    return sum(values) / max(len(values), 1) if sequence else sum(values)
+
+
 def np_irl(row, cfg):
-    return sum(-x["kl"] + cfg.lam * (x["td"] if x["td"] is not None else 0.0) for x in row)
+    seq = cfg.normalize == "sequence"
+    return (-np_mean((x["kl"] for x in row), seq)
+            + cfg.lam * np_mean((x["td"] for x in row if x["td"] is not None), seq))
 
 
 def np_ava_d(batch, cfg):
+    """(-F_d summed, normaliser): transitions ("token") or non-empty sequences ("sequence")."""
     rows = np_rows(*batch, cfg)
-    f = sum(sum(x["lik"] for x in row) + (np_irl(row, cfg) if cfg.use_irl else 0.0) for row in rows)
-    return -f, sum(len(row) for row in rows)
+    seq = cfg.normalize == "sequence"
+    f = sum(np_mean((x["lik"] for x in row), seq) + (np_irl(row, cfg) if cfg.use_irl else 0.0) for row in rows)
+    return -f, (sum(bool(row) for row in rows) if seq else sum(len(row) for row in rows))
 
 
 def check_kl_td(metrics, rows):
@@ -59,16 +73,19 @@ def check_kl_td(metrics, rows):
 
 def np_ava_p(chosen, rejected, cfg):
     rows_c, rows_r = np_rows(*chosen, cfg), np_rows(*rejected, cfg)
+    seq = cfg.normalize == "sequence"
     f, n = 0.0, 0
     out = dict(lik_c=0.0, lik_r=0.0, cer=0.0, acc=0.0, margin=0.0, pairs=0)
     for rc, rr in zip(rows_c, rows_r):
-        n += len(rc) + len(rr)
         out["lik_c"] += sum(x["lik"] for x in rc)
         out["lik_r"] += sum(x["lik"] for x in rr)
-        f += sum(x["lik"] for x in rc)
+        if seq and not (rc and rr):  # "sequence": a pair with an empty side contributes nothing
+            continue
+        n += 1 if seq else len(rc) + len(rr)
+        f += np_mean((x["lik"] for x in rc), seq)
         if cfg.use_neg:
             floor = -math.inf if cfg.neg_floor is None else cfg.neg_floor
-            f -= sum(max(x["lik"], floor) for x in rr)
+            f -= np_mean((max(x["lik"], floor) for x in rr), seq)
         if cfg.use_irl:
             f += np_irl(rc, cfg) + np_irl(rr, cfg)
         if rc and rr:
@@ -112,11 +129,13 @@ def to_inputs(batch, dtype=jnp.float32):
 
 BASE = LossConfig(gamma=0.9, lam=0.7, beta=1.3, cer_weight=0.8)
 D_VARIANTS = [{}, dict(likelihood="raw_q"), dict(reward_align="state"), dict(include_prompt=True),
-              dict(use_irl=False), dict(gamma=1.0, lam=1.0, beta=1.0)]
+              dict(use_irl=False), dict(gamma=1.0, lam=1.0, beta=1.0), dict(normalize="sequence"),
+              dict(td_terminal="zero"), dict(normalize="sequence", td_terminal="zero", include_prompt=True)]
 P_VARIANTS = D_VARIANTS + [dict(cer="logsigmoid"), dict(use_neg=False), dict(use_cer=False),
                            dict(neg_floor=-2.0),
                            dict(likelihood="raw_q", reward_align="state", include_prompt=True,
-                                cer="logsigmoid", neg_floor=-1.0)]
+                                cer="logsigmoid", neg_floor=-1.0),
+                           dict(normalize="sequence", cer="logsigmoid", neg_floor=-2.0, td_terminal="zero")]
 
 
 def close(actual, expected):
@@ -238,7 +257,8 @@ def numeric_grad(fn, arrays, eps=1e-6):
 
 @pytest.mark.parametrize("variant", [{}, dict(neg_floor=-1.0),
                                      dict(likelihood="raw_q", reward_align="state",
-                                          include_prompt=True, cer="logsigmoid")], ids=str)
+                                          include_prompt=True, cer="logsigmoid"),
+                                     dict(normalize="sequence", td_terminal="zero")], ids=str)
 def test_gradients_match_numpy_finite_differences(variant):
     cfg = dataclasses.replace(BASE, **variant)
     chosen, rejected = make_batch(3, B=2, T=5, V=3), make_batch(4, B=2, T=5, V=3)

@@ -47,6 +47,38 @@ def test_causality(any_tiny_config, q_param):
     assert float(jac_TxT[~future].min()) > 0.0, "an output ignores an earlier input"
 
 
+@pytest.mark.parametrize("weight_heads", ["reward", "both"])
+def test_q_is_causal_when_weighting_acts_on_the_reward_head_only(weight_heads):
+    """With weight_heads="reward", Q at position t has zero gradient w.r.t. tokens after t; with the
+    printed "both", the bidirectional w_t leaks the future into Q (so the check can fail)."""
+    cfg = tiny_config("llama")
+    model = TQR(cfg, HeadConfig(reward_weighting="attention", weight_heads=weight_heads), rngs=nnx.Rngs(1))
+    T = 6
+    embeds = model.backbone.embed_tokens(_tokens(1, T, cfg.vocab_size))
+    jac_TxT = jnp.abs(jax.jacrev(lambda e: model(embeds_BxTxD=e).q_values[0].sum(-1))(embeds)[:, 0]).sum(-1)
+    future = np.triu(np.ones((T, T), bool), k=1)
+    if weight_heads == "reward":
+        assert float(jac_TxT[future].max()) == 0.0, "Q sees a later input"
+        assert float(jac_TxT[~future].min()) > 0.0
+    else:
+        assert float(jac_TxT[future].min()) > 0.0, "the printed weighting should make Q non-causal"
+    # The reward head stays weighted in both readings (its mean sees the whole sequence).
+    jac_mu = jnp.abs(jax.jacrev(lambda e: model(embeds_BxTxD=e).reward_mean[0])(embeds)[:, 0]).sum(-1)
+    assert float(jac_mu[future].min()) > 0.0
+
+
+@pytest.mark.parametrize("transform", ["softplus", "exp"])
+def test_sigma_init_sets_the_starting_sigma(transform):
+    from ava_jax.models.heads import RewardHead
+    head = RewardHead(HeadConfig(sigma_transform=transform, sigma_init=4.0), 8, nnx.Rngs(0))
+    _, sigma = head(jnp.zeros((1, 3, 8)))
+    np.testing.assert_allclose(np.asarray(sigma), 4.0, rtol=1e-6)
+    default = RewardHead(HeadConfig(sigma_transform=transform), 8, nnx.Rngs(0))(jnp.zeros((1, 3, 8)))[1]
+    np.testing.assert_allclose(np.asarray(default), np.log(2.0) + 1e-4 if transform == "softplus" else 1.0, rtol=1e-6)
+    with pytest.raises(ValueError, match="model.sigma_init"):
+        HeadConfig(sigma_init=0.0)
+
+
 def test_weighting_masks_padding():
     cfg = tiny_config("llama")
     model = TQR(cfg, HeadConfig(reward_weighting="attention", weight_norm="sum"), rngs=nnx.Rngs(2))

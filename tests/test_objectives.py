@@ -116,3 +116,76 @@ def test_loop_stops_after_consecutive_nonfinite_steps():
         train_loop(step, state, iter(range(100)), jax.random.key(0),
                    LoopOptions(num_steps=20, log_every=1, max_consecutive_bad_steps=3, progress=False),
                    writer=MetricWriter(None))
+
+
+STORY_PAIRS = (  # (chosen, rejected) after the prompt "Once upon a time,"
+    ("Once upon a time, there was a little girl named Lily. She loved to play outside in the park. One day, "
+     "she saw a big, red ball. She was very happy and she laughed.",
+     "Once upon a time, there was a little boy named Tom. He was sad because his dog ran away. He cried and "
+     "looked for the dog everywhere, but he could not find it."),
+    ("Once upon a time, there was a cat. The cat liked to sleep in the sun. One day the cat saw a bird and "
+     "wanted to play with it. The bird flew away.",
+     "Once upon a time, there was a big tree. A little bird lived in the tree. The bird sang every day and all "
+     "the animals came to listen. They were friends."),
+)
+
+
+def _story_batch(tok):
+    prompt_len = len(tok.encode("Once upon a time,", add_bos=True))
+    seqs = [[tok.encode(t, add_bos=True) for t in side] for side in zip(*STORY_PAIRS)]
+    T = max(len(s) for side in seqs for s in side)
+
+    def side(rows):
+        tokens, mask = np.zeros((len(rows), T), np.int32), np.zeros((len(rows), T), np.int32)
+        for i, s in enumerate(rows):
+            tokens[i, :len(s)], mask[i, :len(s)] = s, 1
+        return {"tokens_BxT": jnp.asarray(tokens), "mask_BxT": jnp.asarray(mask),
+                "prompt_len_B": jnp.full((len(rows),), prompt_len, jnp.int32)}
+    return {"chosen": side(seqs[0]), "rejected": side(seqs[1])}
+
+
+def _reward_head_grad_norm(model, cfg, batch, part):
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def term(p):
+        _, metrics = make_loss_fn(cfg)(nnx.merge(graphdef, p, rest), batch, None)
+        total, norm = metrics[f"part_{part}"]
+        return total / norm
+    grads = jax.grad(term)(params)["reward_head"]
+    return float(jnp.sqrt(sum(jnp.sum(g * g) for g in jax.tree.leaves(grads))))
+
+
+def test_sequence_normalisation_gives_cer_a_say_on_the_reward_head():
+    """On the pretrained backbone and ~60-token stories, CER's gradient on the reward head is >500x
+    smaller than TD's per token ("token", logsigmoid CER); "sequence" brings it within 30x, and
+    within 3x with a starting sigma near the rms TD error (method.md section 6)."""
+    from ava_jax.checkpoints.load import load_pretrained
+    from ava_jax.config import resolve_path
+    ratios = {}
+    for normalize, sigma_init in (("token", None), ("sequence", None), ("sequence", 4.0)):
+        model, tok = load_pretrained(resolve_path("bundled:tinystories-260k"), heads=HeadConfig(sigma_init=sigma_init))
+        cfg = LossConfig(objective="ava_p", cer="logsigmoid", normalize=normalize)
+        batch = _story_batch(tok)
+        ratios[normalize, sigma_init] = (_reward_head_grad_norm(model, cfg, batch, "td")
+                                         / _reward_head_grad_norm(model, cfg, batch, "cer"))
+    assert ratios["token", None] > 500, ratios
+    assert ratios["sequence", None] < 30, ratios
+    assert ratios["sequence", 4.0] < 3, ratios
+
+
+def test_loss_parts_add_up_and_lm_loglik_is_logged():
+    cfg_model = tiny_config("llama")
+    model = TQR(cfg_model, HeadConfig(), rngs=nnx.Rngs(0))
+    batch = _pairs()
+    for normalize in ("token", "sequence"):
+        cfg = LossConfig(objective="ava_p", normalize=normalize, td_terminal="zero", neg_floor=-3.0)
+        loss, m = make_loss_fn(cfg)(model, batch, None)
+        parts = [k for k in m if k.startswith("part_")]
+        assert set(parts) == {"part_lik_chosen", "part_lik_rejected", "part_kl", "part_td", "part_cer"}
+        np.testing.assert_allclose(-sum(float(m[k][0]) for k in parts) / float(m["loss"][1]), float(loss), rtol=1e-5)
+        np.testing.assert_allclose(sum(float(m[k.replace("part_", "share_")][0]) for k in parts), 1.0, rtol=1e-5)
+    # With alpha = beta = 1 and no Q weighting the LM log-likelihood equals the Boltzmann likelihood.
+    model = TQR(cfg_model, HeadConfig(reward_weighting="none"), rngs=nnx.Rngs(0))
+    _, m = make_loss_fn(LossConfig(objective="ava_p"))(model, batch, None)
+    for side in ("chosen", "rejected"):
+        np.testing.assert_allclose(np.asarray(m[f"lm_loglik_{side}"]), np.asarray(m[f"lik_{side}"]), rtol=1e-5)

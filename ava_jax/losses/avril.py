@@ -54,7 +54,7 @@ def _check_shapes(q_BxTxV, mu_BxT, sigma_BxT, tokens_BxT, response_mask_BxT, mas
         raise ValueError(f"tokens_BxT needs T >= 2 to hold a transition, got T={bt[1]}")
 
 
-def transition_masks(response_mask_BxT, mask_BxT, include_prompt: bool):
+def transition_masks(response_mask_BxT, mask_BxT, include_prompt: bool, td_terminal: str = "none"):
     """Which transitions count, and which have a TD error.
 
     Transition t counts iff its action y_{t+1} is a real response token (any real token when
@@ -67,16 +67,28 @@ def transition_masks(response_mask_BxT, mask_BxT, include_prompt: bool):
       response_mask_BxT: 1 = real response token.
       mask_BxT: 1 = real token.
       include_prompt: count prompt tokens as actions too.
+      td_terminal: "none": delta_t exists where transitions t and t+1 both count; "zero": also at
+        the last counted transition of each row (V = 0 after the final token).
 
     Returns:
-      (mask_BxN, td_mask_BxN), bool, N = T - 1: mask_BxN[b, t] = transition t counts;
-      td_mask_BxN[b, t] = transitions t and t+1 both count (delta_t exists).
+      (mask_BxN, td_mask_BxN, terminal_BxN), bool, N = T - 1: mask_BxN[b, t] = transition t counts;
+      td_mask_BxN[b, t] = delta_t exists; terminal_BxN[b, t] = t is the row's last counted
+      transition and delta_t = Q_a(t) (only with td_terminal="zero"; all False otherwise).
     """
     real_BxT = mask_BxT.astype(bool)
     action_BxT = real_BxT if include_prompt else real_BxT & response_mask_BxT.astype(bool)
     mask_BxN = action_BxT[:, 1:] & real_BxT[:, :-1]
     next_BxN = jnp.concatenate([mask_BxN[:, 1:], jnp.zeros_like(mask_BxN[:, :1])], axis=1)
-    return mask_BxN, mask_BxN & next_BxN
+    td_mask_BxN = mask_BxN & next_BxN
+    if td_terminal == "zero":
+        n_idx_N = jnp.arange(mask_BxN.shape[1])
+        last_B = jnp.max(jnp.where(mask_BxN, n_idx_N[None, :], -1), axis=1)
+        terminal_BxN = mask_BxN & (n_idx_N[None, :] == last_B[:, None])
+    elif td_terminal == "none":
+        terminal_BxN = jnp.zeros_like(mask_BxN)
+    else:
+        raise ValueError(f"td_terminal must be 'none' or 'zero', got {td_terminal!r}")
+    return mask_BxN, td_mask_BxN | terminal_BxN, terminal_BxN
 
 
 def last_transition(values_BxN, mask_BxN):
@@ -107,7 +119,7 @@ def avril_terms(q_BxTxV, mu_BxT, sigma_BxT, tokens_BxT, response_mask_BxT, mask_
       tokens_BxT: token ids.
       response_mask_BxT: 1 = real response token.
       mask_BxT: 1 = real token.
-      cfg: uses gamma, beta, likelihood, reward_align, include_prompt.
+      cfg: uses gamma, beta, likelihood, reward_align, include_prompt, td_terminal.
 
     Returns:
       dict of [B, N] arrays (N = T - 1, zero where the transition does not count):
@@ -122,7 +134,8 @@ def avril_terms(q_BxTxV, mu_BxT, sigma_BxT, tokens_BxT, response_mask_BxT, mask_
     vocab = q_BxTxV.shape[2]
     # Compute in at least float32 (bf16 logsumexp over a vocabulary loses the small terms).
     dtype = jnp.promote_types(jnp.result_type(q_BxTxV, mu_BxT, sigma_BxT), jnp.float32)
-    mask_BxN, td_mask_BxN = transition_masks(response_mask_BxT, mask_BxT, cfg.include_prompt)
+    mask_BxN, td_mask_BxN, terminal_BxN = transition_masks(response_mask_BxT, mask_BxT, cfg.include_prompt,
+                                                           cfg.td_terminal)
 
     # Action y_{t+1}; pad ids may be anything (even out of range), so replace them first.
     actions_BxN = jnp.where(mask_BxN, tokens_BxT[:, 1:], 0).astype(jnp.int32)
@@ -156,8 +169,10 @@ def avril_terms(q_BxTxV, mu_BxT, sigma_BxT, tokens_BxT, response_mask_BxT, mask_
     kl_BxN = 0.5 * (mu_BxN * mu_BxN + sigma_BxN * sigma_BxN - 1.0) - log_sigma_BxN
     kl_BxN = jnp.where(mask_BxN, kl_BxN, 0.0)
 
-    # TD error delta_t = Q_a(t) - gamma * Q_a(t+1), only where transitions t and t+1 both count.
+    # TD error delta_t = Q_a(t) - gamma * Q_a(t+1), where transitions t and t+1 both count; with
+    # td_terminal="zero" also at the last transition, whose successor value is 0 (terminal state).
     q_a_next_BxN = jnp.concatenate([q_a_BxN[:, 1:], jnp.zeros_like(q_a_BxN[:, :1])], axis=1)
+    q_a_next_BxN = jnp.where(terminal_BxN, 0.0, q_a_next_BxN)
     delta_BxN = jnp.where(td_mask_BxN, q_a_BxN - cfg.gamma * q_a_next_BxN, 0.0)
     # td_t = log N(delta_t; mu_t, sigma_t^2), written with log sigma (no log of sigma^2, no 1/var).
     z_BxN = (delta_BxN - mu_BxN) / sigma_BxN

@@ -14,6 +14,8 @@ OBJECTIVES = ("ava_d", "ava_p", "bt", "pt")
 LIKELIHOODS = ("boltzmann", "raw_q")
 CERS = ("sigmoid", "logsigmoid")
 REWARD_ALIGNS = ("next", "state")
+NORMALIZES = ("token", "sequence")
+TD_TERMINALS = ("none", "zero")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +40,17 @@ class LossConfig:
       neg_floor: None, or a floor on the rejected side's per-token log-likelihood (a guard against
         the unlikelihood failure mode, see `ava_p_loss`).
       cer_weight: weight of the CER term; >= 0.
+      normalize: how the summed terms are weighted (method.md section 6).
+        "token" (default): every term is summed over the batch and divided by the number of
+        counted transitions (both sides of a pair for AVA-p); equal to the paper's literal sums
+        up to a per-batch constant, so CER is one term per pair against ~T TD terms.
+        "sequence": each token term (likelihood, KL, TD) is averaged over its own sequence, CER
+        is counted once per pair, and the objective is the mean over pairs (AVA-d: over
+        sequences), so a pair's CER weighs as much as its whole TD term.
+      td_terminal: the TD term of a sequence's last transition, which has no successor.
+        "none" (default, as printed): no TD term there, so mu_last (the score) is trained only by
+        the KL pull, CER and extrapolation. "zero": a terminal-state convention, V = 0 after the
+        final token, so delta_last = Q_a(last) and the scored position gets a TD target.
     """
 
     objective: str = "ava_p"
@@ -53,10 +66,13 @@ class LossConfig:
     use_cer: bool = True
     neg_floor: float | None = None
     cer_weight: float = 1.0
+    normalize: str = "token"
+    td_terminal: str = "none"
 
     def __post_init__(self):
         for name, allowed in (("objective", OBJECTIVES), ("likelihood", LIKELIHOODS),
-                              ("cer", CERS), ("reward_align", REWARD_ALIGNS)):
+                              ("cer", CERS), ("reward_align", REWARD_ALIGNS),
+                              ("normalize", NORMALIZES), ("td_terminal", TD_TERMINALS)):
             value = getattr(self, name)
             if value not in allowed:
                 raise ValueError(f"LossConfig.{name} must be one of {allowed}, got {value!r}")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +12,7 @@ Q_PARAMS = ("lm_logprobs", "lm_probs", "fresh")
 SIGMA_TRANSFORMS = ("softplus", "exp")
 REWARD_WEIGHTINGS = ("attention", "none")
 WEIGHT_NORMS = ("mean", "sum")
+WEIGHT_HEADS = ("both", "reward")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,14 +32,25 @@ class HeadConfig:
     # "mean" (default): w times the number of real tokens, so the average weight is 1 and uniform
     #   attention leaves the heads unchanged.
     weight_norm: str = "mean"
+    # Which heads w_t multiplies. "both" (AVA Eq. 11 as printed): Q and the reward. Because w_t comes
+    # from bidirectional attention, Q(s_t, .) * w_t then depends on tokens after t, the action
+    # included: a non-causal "policy" that cannot be sampled. "reward": only the reward head, so Q
+    # stays causal (needed wherever Q acts as a policy; method.md section 6).
+    weight_heads: str = "both"
+    # Starting sigma of the reward head (its bias is set so sigma = sigma_init at h = 0); None keeps
+    # a zero bias (softplus(0) = 0.69). A start near the rms TD error keeps TD from dominating early.
+    sigma_init: float | None = None
 
     def __post_init__(self):
         for field, value, allowed in (("model.q_param", self.q_param, Q_PARAMS),
                                       ("model.sigma_transform", self.sigma_transform, SIGMA_TRANSFORMS),
                                       ("model.reward_weighting", self.reward_weighting, REWARD_WEIGHTINGS),
-                                      ("model.weight_norm", self.weight_norm, WEIGHT_NORMS)):
+                                      ("model.weight_norm", self.weight_norm, WEIGHT_NORMS),
+                                      ("model.weight_heads", self.weight_heads, WEIGHT_HEADS)):
             if value not in allowed:
                 raise ValueError(f"{field}={value!r} is not one of {allowed}")
+        if self.sigma_init is not None and not self.sigma_init > self.sigma_floor:
+            raise ValueError(f"model.sigma_init={self.sigma_init!r} must be > the sigma floor {self.sigma_floor}")
 
 
 class QHead(nnx.Module):
@@ -62,13 +75,23 @@ class QHead(nnx.Module):
         return jax.nn.log_softmax(self.alpha * z, axis=-1)
 
 
+def _raw_sigma(cfg: HeadConfig) -> float:
+    """The raw output whose sigma transform gives cfg.sigma_init (0.0 when it is None)."""
+    if cfg.sigma_init is None:
+        return 0.0
+    if cfg.sigma_transform == "exp":
+        return math.log(cfg.sigma_init)
+    y = cfg.sigma_init - cfg.sigma_floor  # softplus^-1(y) = y + log(1 - exp(-y))
+    return y + math.log(-math.expm1(-y))
+
+
 class RewardHead(nnx.Module):
     """Gaussian reward per position: [mu_t, raw_t] = Linear(h_t), sigma_t = softplus(raw_t) + floor."""
 
     def __init__(self, cfg: HeadConfig, d_model: int, rngs: nnx.Rngs):
         self.sigma_transform, self.sigma_floor = cfg.sigma_transform, cfg.sigma_floor
         self.kernel = nnx.Param(0.02 * jax.random.normal(rngs.params(), (d_model, 2)))
-        self.bias = nnx.Param(jnp.zeros((2,)))
+        self.bias = nnx.Param(jnp.asarray([0.0, _raw_sigma(cfg)], jnp.float32))
 
     def __call__(self, h_BxTxD):
         out_BxTx2 = h_BxTxD.astype(jnp.float32) @ self.kernel[...] + self.bias[...]

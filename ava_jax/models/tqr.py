@@ -17,7 +17,7 @@ class TQROutput:
 
     logits: jax.Array  # [B, T, V] LM logits
     hidden: jax.Array  # [B, T, D] last hidden states
-    q_values: jax.Array  # [B, T, V] Q(s_t, .) from h_t, times w_t
+    q_values: jax.Array  # [B, T, V] Q(s_t, .) from h_t, times w_t unless weight_heads="reward"
     reward_mean: jax.Array  # [B, T] from h_t, times w_t
     reward_sigma: jax.Array  # [B, T] from h_t, times w_t
     weights: jax.Array  # [B, T] w_t (ones where reward_weighting="none"; zero on padding)
@@ -49,7 +49,9 @@ class TQR(nnx.Module):
         if self.weighting is None:
             w_BxT = mask_BxT.astype(jnp.float32)
             return TQROutput(out.logits, h_BxTxD, q_BxTxV, mu_BxT, sigma_BxT, w_BxT)
-        # Both heads' outputs at position t are scaled by w_t (AVA Eq. 11).
+        # The heads' outputs at position t are scaled by w_t (AVA Eq. 11): both heads as printed, or
+        # the reward head only (`weight_heads="reward"`), which keeps Q causal.
         w_BxT = self.weighting(h_BxTxD, mask_BxT)
-        return TQROutput(out.logits, h_BxTxD, q_BxTxV * w_BxT[..., None], mu_BxT * w_BxT,
-                         sigma_BxT * w_BxT, w_BxT)
+        if self.heads.weight_heads == "both":
+            q_BxTxV = q_BxTxV * w_BxT[..., None]
+        return TQROutput(out.logits, h_BxTxD, q_BxTxV, mu_BxT * w_BxT, sigma_BxT * w_BxT, w_BxT)
