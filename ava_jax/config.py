@@ -10,6 +10,7 @@ import os
 
 import ml_collections
 
+from ava_jax.errors import ConfigError
 from ava_jax.models.config import ModelConfig
 from ava_jax.models.heads import HeadConfig
 from ava_jax.sampling import SamplingConfig
@@ -30,7 +31,8 @@ def base_config() -> ml_collections.ConfigDict:
         path="bundled:tinystories-260k",  # HF dir, llama2.c .bin (or its dir), .gguf file, or bundled:NAME
         dtype="float32", param_dtype="float32", remat=False,
         q_param="lm_logprobs", alpha=1.0, sigma_transform="softplus", reward_weighting="attention",
-        weight_norm="mean", reward_align="next",
+        weight_norm="mean", weight_heads="both", sigma_init=ml_collections.config_dict.placeholder(float),
+        reward_align="next",
     ))
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.sampling = ml_collections.ConfigDict(dict(
@@ -43,10 +45,10 @@ def resolve_path(path: str) -> str:
     if path.startswith("bundled:"):
         name = path.split(":", 1)[1]
         if name not in BUNDLED:
-            raise ValueError(f"model.path={path!r}: unknown bundled model; bundled: {sorted(BUNDLED)}")
+            raise ConfigError(f"model.path={path!r}: unknown bundled model; bundled: {sorted(BUNDLED)}")
         return BUNDLED[name]
     if not path:
-        raise ValueError("model.path is empty: give a local checkpoint, e.g. --config.model.path=/path/to/gpt2 "
+        raise ConfigError("model.path is empty: give a local checkpoint, e.g. --config.model.path=/path/to/gpt2 "
                          "(a Hugging Face directory, a llama2.c .bin or a .gguf file)")
     if not os.path.exists(path):
         raise FileNotFoundError(f"model.path={path!r} does not exist")
@@ -55,7 +57,8 @@ def resolve_path(path: str) -> str:
 
 def head_config(model: ml_collections.ConfigDict) -> HeadConfig:
     return HeadConfig(q_param=model.q_param, alpha=float(model.alpha), sigma_transform=model.sigma_transform,
-                      reward_weighting=model.reward_weighting, weight_norm=model.weight_norm)
+                      reward_weighting=model.reward_weighting, weight_norm=model.weight_norm,
+                      weight_heads=model.weight_heads, sigma_init=model.sigma_init)
 
 
 def sampling_config(s: ml_collections.ConfigDict, *, eos_id, pad_id) -> SamplingConfig:
@@ -64,7 +67,7 @@ def sampling_config(s: ml_collections.ConfigDict, *, eos_id, pad_id) -> Sampling
                               top_p=float(s.top_p), eos_id=eos_id, pad_id=pad_id if pad_id is not None else 0,
                               prompt_bucket=s.prompt_bucket, new_bucket=s.new_bucket)
     except ValueError as e:
-        raise ValueError(f"config.sampling: {e}") from e
+        raise ConfigError(f"config.sampling: {e}") from e
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +80,7 @@ class MeshConfig:
 def mesh_config(m: ml_collections.ConfigDict) -> MeshConfig:
     for key in ("data", "fsdp", "tensor"):
         if m[key] == 0 or m[key] < -1:
-            raise ValueError(f"config.mesh.{key}={m[key]} must be a positive size (or -1 for data)")
+            raise ConfigError(f"config.mesh.{key}={m[key]} must be a positive size (or -1 for data)")
     return MeshConfig(data=m.data, fsdp=m.fsdp, tensor=m.tensor)
 
 
@@ -113,11 +116,16 @@ def reward_model_config(objective: str, variant: str | None) -> ml_collections.C
     c.loss = ml_collections.ConfigDict(dict(
         gamma=1.0, lam=1.0, beta=1.0, likelihood="boltzmann", cer="sigmoid", include_prompt=False,
         use_neg=True, use_irl=True, use_cer=True, neg_floor=ml_collections.config_dict.placeholder(float),
-        cer_weight=1.0))
+        cer_weight=1.0, normalize="token", td_terminal="none"))
     c.data = ml_collections.ConfigDict(dict(
         format="hh", path="", tfds_dir="", max_len=256, pad_to_multiple=64, on_bad_row="skip",
         max_bad_fraction=0.01, check_roundtrip=True, max_train_pairs=0, max_validation_pairs=0,
-        max_test_pairs=0))
+        max_test_pairs=0,
+        # "auto": by prompt hash, or by row hash (with a warning) when prompts are too few to split;
+        # "prompt" | "row" force one (ava_jax.data.splits.split_preferences).
+        split_by="auto",
+        # Your own splits, same format as data.path (then the train file): used as given, not hashed.
+        validation_path="", test_path=""))
     c.data.synthetic = ml_collections.ConfigDict(dict(vocab_size=16, prompt_len=4, response_len=8,
                                                       bt_temperature=2.0, num_examples=2048,
                                                       num_eval_examples=1024, seed=0, data_seed=100))

@@ -382,3 +382,99 @@ def test_demonstration_iterator_left_padding():
     assert batch["mask_BxT"].sum(1).tolist() == lens.tolist()
     assert (batch["mask_BxT"][:, -1] == 1).all()  # left padding: last column is real
     assert (batch["tokens_BxT"][:, -1] == 2).all()  # ... and it is EOS
+
+
+# ----------------------------------------------------------------------------- user files -> splits
+TEMPLATE_PROMPTS = ("Tell me a story about a cat.", "Tell me a story about a dog.",
+                    "Tell me a story about a bird.")
+
+
+def _templated_rows(n=600):
+    """n pairs on three templated prompts: too few prompts to split by prompt hash."""
+    return [{"prompt": TEMPLATE_PROMPTS[i % 3], "chosen": f" The pet was happy {i}.",
+             "rejected": f" The pet was sad {i}."} for i in range(n)]
+
+
+def _varied_rows(n=200, per_prompt=2, start=0):
+    return [{"prompt": f"Tell me story number {start + i // per_prompt}.", "chosen": f" Max ran {i}.",
+             "rejected": f" Max sat {i}."} for i in range(n)]
+
+
+def _prepare(**data_keys):
+    from ava_jax.config import reward_model_config, resolve_path
+    from ava_jax.pipelines.reward_model import prepare_data
+    from ava_jax.tokenizers import load_tokenizer
+    c = reward_model_config("bt", "tiny")
+    c.data.update(format="jsonl", max_train_pairs=0, max_validation_pairs=0, max_test_pairs=0,
+                  **data_keys)
+    return prepare_data(c, load_tokenizer(resolve_path("bundled:tinystories-260k")))
+
+
+def test_few_prompts_split_by_row_hash_and_say_so(tmp_path, caplog):
+    rows = _templated_rows()
+    path = write_lines(tmp_path, rows, name="templated.jsonl")
+    with caplog.at_level(logging.WARNING, logger="ava_jax.data.splits"):
+        splits, _, extra = _prepare(path=path)
+    assert extra["split_method"] == "row_hash"
+    assert "only 3 distinct prompts" in caplog.text and "row hash" in caplog.text
+    sizes = {k: len(v) for k, v in splits.items()}
+    assert sum(sizes.values()) == 600 and sizes["validation"] > 20 and sizes["test"] > 20, sizes
+    # The row hash is order-independent, like the prompt hash.
+    parsed, _ = data.read_preferences(path, "jsonl")
+    by_row, method = data.split_preferences(parsed)
+    again, _ = data.split_preferences(parsed[::-1])
+    assert method == "row_hash"
+    assert {k: sorted(r.line for r in v) for k, v in by_row.items()} == {
+        k: sorted(r.line for r in v) for k, v in again.items()}
+    assert {k: len(v) for k, v in by_row.items()} == sizes
+    # Forcing the prompt split gives back the old error, which now names the split method.
+    with pytest.raises(DataError, match=r"templated.jsonl.*the validation split has no pairs.*prompt_hash"):
+        _prepare(path=path, split_by="prompt")
+
+
+def test_many_prompts_still_split_by_prompt(tmp_path):
+    path = write_lines(tmp_path, _varied_rows(200), name="varied.jsonl")
+    rows, _ = data.read_preferences(path, "jsonl")
+    parts, method = data.split_preferences(rows)
+    assert method == "prompt_hash"
+    assert parts == data.split_rows(rows)  # the same split as before split_preferences existed
+    prompts = {k: {r.prompt for r in v} for k, v in parts.items()}
+    assert not (prompts["train"] & prompts["validation"] or prompts["train"] & prompts["test"]
+                or prompts["validation"] & prompts["test"])
+    splits, _, extra = _prepare(path=path)
+    assert extra["split_method"] == "prompt_hash"
+    assert {k: len(v) for k, v in splits.items()} == {k: len(v) for k, v in parts.items()}
+    _, method = data.split_preferences(rows, split_by="row")
+    assert method == "row_hash"
+    with pytest.raises(ValueError, match="split_by"):
+        data.split_preferences(rows, split_by="line")
+
+
+def test_given_validation_and_test_files_are_used_as_given(tmp_path):
+    train = write_lines(tmp_path, _varied_rows(40), name="train.jsonl")
+    val = write_lines(tmp_path, _varied_rows(7, start=100), name="val.jsonl")
+    test = write_lines(tmp_path, _varied_rows(5, start=200), name="test.jsonl")
+    splits, _, extra = _prepare(path=train, validation_path=val, test_path=test)
+    assert extra["split_method"] == "files"
+    assert {k: len(v) for k, v in splits.items()} == {"train": 40, "validation": 7, "test": 5}
+    assert splits["validation"].chosen.line_N.tolist() == list(range(1, 8))
+    # Only one given: the other split is made from the train file (by prompt, 10%) and logged.
+    splits, _, extra = _prepare(path=write_lines(tmp_path, _varied_rows(200), name="big.jsonl"),
+                                validation_path=val)
+    assert extra["split_method"] == "files+prompt_hash"
+    sizes = {k: len(v) for k, v in splits.items()}
+    assert sizes["validation"] == 7 and sizes["train"] + sizes["test"] == 200 and sizes["test"] > 0, sizes
+
+
+def test_missing_split_file_error_names_key_and_path(tmp_path):
+    from ava_jax.errors import ConfigError, UserError
+    train = write_lines(tmp_path, _varied_rows(40), name="train.jsonl")
+    missing = str(tmp_path / "no_such_val.jsonl")
+    with pytest.raises(ConfigError) as info:
+        _prepare(path=train, validation_path=missing)
+    assert "data.validation_path" in str(info.value) and missing in str(info.value)
+    assert isinstance(info.value, UserError) and isinstance(info.value, ValueError)
+    with pytest.raises(ConfigError, match=r"data\.path=.*nope\.jsonl.* does not exist"):
+        _prepare(path=str(tmp_path / "nope.jsonl"))
+    with pytest.raises(ConfigError, match=r"data\.split_by='line'"):
+        _prepare(path=train, split_by="line")

@@ -20,6 +20,8 @@ from safetensors.numpy import save_file
 
 from ava_jax.models.config import ModelConfig, RopeConfig
 
+log = logging.getLogger(__name__)
+
 SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "qwen2")
 ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
@@ -341,4 +343,4 @@ def write_dir(out_dir: Path, cfg: ModelConfig, get: Callable[[ParamPath], np.nda
     config = config_to_hf(cfg, bos_id=bos_id, eos_id=eos_id)
     save_file(export_tensors(cfg, get), str(out_dir / SINGLE_FILE), metadata={"format": "pt"})
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    logging.info("Wrote %s (%s) to %s", config["architectures"][0], model_type(cfg), out_dir)
+    log.info("Wrote %s (%s) to %s", config["architectures"][0], model_type(cfg), out_dir)

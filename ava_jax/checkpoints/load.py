@@ -21,6 +21,8 @@ from ava_jax.models.config import ModelConfig
 from ava_jax.models.heads import HeadConfig
 from ava_jax.models.tqr import TQR
 
+log = logging.getLogger(__name__)
+
 
 def _resolve(path: Path):
     """(format, model file or directory, tokenizer path or None) for any accepted checkpoint path."""
@@ -100,12 +102,12 @@ def _load_tokenizer(path: Path | None):
     except ModuleNotFoundError as err:
         if err.name != "ava_jax.tokenizers":
             raise
-        logging.warning("ava_jax.tokenizers is not available; loading %s without a tokenizer", path)
+        log.warning("ava_jax.tokenizers is not available; loading %s without a tokenizer", path)
         return None
     try:
         return load_tokenizer(str(path))
     except ValueError as err:  # an unsupported tokenizer should not stop the weights from loading
-        logging.warning("No tokenizer loaded for %s: %s", path, err)
+        log.warning("No tokenizer loaded for %s: %s", path, err)
         return None
 
 
@@ -137,7 +139,7 @@ def load_pretrained(path: str | os.PathLike, *, heads: HeadConfig | None = None,
     if kind == "gguf" and not source.has_tokenizer:
         tok_path = None
     model = build_model(cfg, heads, hf.iter_params(cfg, source), rngs_seed)
-    logging.info("Loaded %s checkpoint %s: %s", kind, where, cfg)
+    log.info("Loaded %s checkpoint %s: %s", kind, where, cfg)
     return model, _load_tokenizer(tok_path)
 
 
@@ -168,5 +170,5 @@ def save_pretrained(model, tokenizer, out_dir: str | os.PathLike) -> None:
         if hasattr(tokenizer, "save"):
             tokenizer.save(str(out))
         else:
-            logging.warning("Tokenizer %s has no save(dir) method; %s has no tokenizer files",
+            log.warning("Tokenizer %s has no save(dir) method; %s has no tokenizer files",
                             type(tokenizer).__name__, out)

@@ -16,7 +16,8 @@ from ava_jax.data.batching import (bucket_length, collate_pairs, collate_sequenc
 from ava_jax.data.readers import (DemonstrationRow, PreferenceRow, ReadReport, read_demonstrations,
                                   read_preferences)
 from ava_jax.data.splits import (HH_HARMLESS_BAD_COUNTS, HH_HARMLESS_BASE_TEST,
-                                 HH_HARMLESS_SPLIT_SIZES, hash_unit, split_hh, split_rows)
+                                 HH_HARMLESS_SPLIT_SIZES, SPLIT_BY, hash_unit, split_hh,
+                                 split_preferences, split_rows)
 from ava_jax.data.tokenization import (PairArrays, SeqArrays, TokenizeReport, build_sequence,
                                        tokenize_demonstrations, tokenize_pairs)
 from ava_jax.data.validate import BAD_ROW_REASONS, DataError
@@ -24,8 +25,8 @@ from ava_jax.data.validate import BAD_ROW_REASONS, DataError
 __all__ = [
     "BAD_ROW_REASONS", "DataError", "DemonstrationRow", "HH_HARMLESS_BAD_COUNTS",
     "HH_HARMLESS_BASE_TEST", "HH_HARMLESS_SPLIT_SIZES", "PairArrays", "PreferenceRow",
-    "ReadReport", "SeqArrays", "TokenizeReport", "build_sequence", "bucket_length",
+    "ReadReport", "SPLIT_BY", "SeqArrays", "TokenizeReport", "build_sequence", "bucket_length",
     "collate_pairs", "collate_sequences", "hash_unit", "make_dataset", "make_iterator",
-    "pad_sequences", "read_demonstrations", "read_preferences", "split_hh", "split_rows",
-    "tokenize_demonstrations", "tokenize_pairs",
+    "pad_sequences", "read_demonstrations", "read_preferences", "split_hh", "split_preferences",
+    "split_rows", "tokenize_demonstrations", "tokenize_pairs",
 ]

@@ -12,17 +12,26 @@ chosen final turn is a single space, lines 87, 517, 926, 1104). With the default
 (0.8, 0.1, 0.1) and salt "" the split sizes are:
     train 1,813   validation 237   test 253      (HH_HARMLESS_SPLIT_SIZES; total 2,303)
 Two prompts occur twice among the kept rows; each pair of duplicates lands in one split.
+
+Splitting by prompt needs many distinct prompts. A file built on a few templated prompts (600 rows,
+3 prompts) would put every row in one split. `split_preferences(..., split_by="auto")` therefore
+splits by row hash instead (sha256 of prompt NUL chosen NUL rejected, still order-independent;
+identical rows stay together) when the rows have fewer than `MIN_PROMPTS` distinct prompts, or when
+the prompt split leaves a split with a positive fraction empty, and warns that validation and test
+then share prompts with train (they measure new responses to seen prompts).
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from typing import Callable, Sequence, TypeVar
 
 from ava_jax.data import readers, validate
 
 R = TypeVar("R")
+log = logging.getLogger(__name__)
 
 HH_HARMLESS_BASE_TEST = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -31,6 +40,8 @@ SPLIT_NAMES = ("train", "validation", "test")
 DEFAULT_FRACTIONS = (0.8, 0.1, 0.1)
 HH_HARMLESS_SPLIT_SIZES = {"train": 1813, "validation": 237, "test": 253}
 HH_HARMLESS_BAD_COUNTS = {"empty_response": 4, "prefix_mismatch": 5}
+SPLIT_BY = ("auto", "prompt", "row")
+MIN_PROMPTS = 20  # "auto" splits by prompt only with at least this many distinct prompts
 
 
 def hash_unit(text: str, salt: str = "") -> float:
@@ -58,6 +69,49 @@ def split_rows(rows: Sequence[R], fractions: Sequence[float] = DEFAULT_FRACTIONS
         name = next(n for n, edge in zip(names, edges) if u < edge)
         out[name].append(row)
     return {name: tuple(v) for name, v in out.items()}
+
+
+def row_key(row) -> str:
+    """The row-hash key: prompt, chosen and rejected joined by NUL."""
+    return "\0".join((row.prompt, row.chosen, row.rejected))
+
+
+def split_preferences(rows: Sequence[readers.PreferenceRow],
+                      fractions: Sequence[float] = DEFAULT_FRACTIONS, names: Sequence[str] = SPLIT_NAMES, *,
+                      split_by: str = "auto", salt: str = "", source: str = "",
+                      ) -> tuple[dict[str, tuple[readers.PreferenceRow, ...]], str]:
+    """Splits preference rows by prompt hash or, where prompts are too few, by row hash.
+
+    Args:
+      rows: the rows to split; order is kept within each split.
+      fractions, names: as in `split_rows`.
+      split_by: "prompt" (pairs that share a prompt stay in one split), "row" (hash of the whole
+        row: pairs that share a prompt may land in different splits), or "auto": "prompt" unless
+        the rows have fewer than MIN_PROMPTS distinct prompts or the prompt split leaves a split
+        with a positive fraction empty, then "row" with a warning.
+      salt: as in `split_rows`.
+      source: the file the rows came from, for the log line.
+
+    Returns:
+      ({name: rows}, method) with method "prompt_hash" or "row_hash".
+    """
+    if split_by not in SPLIT_BY:
+        raise ValueError(f"split_by must be one of {SPLIT_BY}, got {split_by!r}")
+    if split_by == "row":
+        return split_rows(rows, fractions, names, salt=salt, key=row_key), "row_hash"
+    parts = split_rows(rows, fractions, names, salt=salt)
+    if split_by == "prompt" or not rows:
+        return parts, "prompt_hash"
+    n_prompts = len({row.prompt for row in rows})
+    empty = [n for n, f in zip(names, fractions) if f > 0 and not parts[n]]
+    if n_prompts >= MIN_PROMPTS and not empty:
+        return parts, "prompt_hash"
+    why = (f"only {n_prompts} distinct prompts (< {MIN_PROMPTS})" if n_prompts < MIN_PROMPTS
+           else f"splitting its {n_prompts} prompts by hash leaves {empty} empty")
+    log.warning("%s: %d rows, %s: splitting by row hash instead of prompt hash, so the splits share prompts "
+                "(evaluation measures new responses to seen prompts); split_by='prompt' forbids this",
+                source or "preference rows", len(rows), why)
+    return split_rows(rows, fractions, names, salt=salt, key=row_key), "row_hash"
 
 
 def split_hh(

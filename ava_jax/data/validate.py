@@ -14,6 +14,8 @@ import collections
 import logging
 from typing import Any
 
+from ava_jax.errors import ConfigError, DataError
+
 log = logging.getLogger(__name__)
 
 # reason -> what it means. Readers use the first seven, tokenisation the last two.
@@ -34,15 +36,6 @@ DEFAULT_MAX_BAD_FRACTION = 0.01
 _LOG_FIRST = 5
 
 
-class DataError(ValueError):
-    """Bad input data. The message names file, line (1-based) and field where they apply."""
-
-    def __init__(self, message: str, *, path: str | None = None, line: int | None = None,
-                 field: str | None = None, reason: str | None = None):
-        super().__init__(message)
-        self.path, self.line, self.field, self.reason = path, line, field, reason
-
-
 class InvalidRow(Exception):
     """Raised by the row checks; turned into a `DataError` or a count by `BadRowPolicy`."""
 
@@ -54,9 +47,9 @@ class InvalidRow(Exception):
 
 def check_policy(on_bad_row: str, max_bad_fraction: float) -> None:
     if on_bad_row not in ON_BAD_ROW:
-        raise ValueError(f"on_bad_row must be one of {ON_BAD_ROW}, got {on_bad_row!r}")
+        raise ConfigError(f"on_bad_row must be one of {ON_BAD_ROW}, got {on_bad_row!r}")
     if not 0.0 <= max_bad_fraction <= 1.0:
-        raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
+        raise ConfigError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
 
 
 class BadRowPolicy:

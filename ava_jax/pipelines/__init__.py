@@ -1,6 +1,8 @@
 """One module per pipeline; each exposes `run(config)`. `main` dispatches on `config.pipeline`."""
 import importlib
 
+from ava_jax.errors import ConfigError
+
 PIPELINES = {
     "generate": "ava_jax.pipelines.generate",
     "reward_model": "ava_jax.pipelines.reward_model",
@@ -9,5 +11,5 @@ PIPELINES = {
 
 def get(name: str):
     if name not in PIPELINES:
-        raise ValueError(f"config.pipeline={name!r} is not one of {sorted(PIPELINES)}")
+        raise ConfigError(f"config.pipeline={name!r} is not one of {sorted(PIPELINES)}")
     return importlib.import_module(PIPELINES[name])

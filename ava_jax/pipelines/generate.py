@@ -10,6 +10,7 @@ import ml_collections
 from ava_jax import config as cfglib
 from ava_jax import sharding as shd
 from ava_jax.checkpoints.load import load_pretrained
+from ava_jax.errors import ConfigError
 from ava_jax.models.transformer import param_count
 from ava_jax.sampling import generate
 
@@ -26,7 +27,7 @@ def run(config: ml_collections.ConfigDict) -> list[str]:
     model, tokenizer = load_pretrained(path, heads=cfglib.head_config(m), dtype=m.dtype,
                                        param_dtype=m.param_dtype, remat=m.remat)
     if tokenizer is None:
-        raise ValueError(f"model.path={config.model.path!r} has no tokenizer files; the generate pipeline "
+        raise ConfigError(f"model.path={config.model.path!r} has no tokenizer files; the generate pipeline "
                          "needs one to encode prompts and decode samples")
     mesh = shd.make_mesh(**vars(cfglib.mesh_config(config.mesh)))
     log.info("mesh: %s; model: %s, %d parameters", shd.describe(mesh), model.cfg.arch, param_count(model.backbone))

@@ -17,9 +17,12 @@ from flax import nnx
 
 from ava_jax import config as cfglib
 from ava_jax import sharding as shd
-from ava_jax.data import (HH_HARMLESS_BASE_TEST, PairArrays, SeqArrays, make_dataset, make_iterator,
-                          read_preferences, split_hh, split_rows, tokenize_pairs)
+from ava_jax.data import (HH_HARMLESS_BASE_TEST, SPLIT_BY, PairArrays, SeqArrays, make_dataset, make_iterator,
+                          read_preferences, split_preferences, tokenize_pairs)
 from ava_jax.data import synthetic as syn
+from ava_jax.data.splits import DEFAULT_FRACTIONS
+from ava_jax.data.validate import ON_BAD_ROW
+from ava_jax.errors import ConfigError, DataError
 from ava_jax.eval.reward import make_pair_scorer, pair_scores, pairwise_metrics
 from ava_jax.losses import LossConfig
 from ava_jax.models import TQR, param_count
@@ -68,10 +71,16 @@ def synthetic_config(d: ml_collections.ConfigDict, data_seed: int) -> syn.Synthe
 
 
 def prepare_data(c: ml_collections.ConfigDict, tokenizer):
-    """Returns ({split: PairArrays}, pad_id, extra info)."""
+    """Returns ({split: PairArrays}, pad_id, extra info); extra["split_method"] says how the splits were made.
+
+    split_method: "prompt_hash" or "row_hash" (`split_preferences`, chosen by data.split_by), "files"
+    (data.validation_path and data.test_path given: no hashing), "files+prompt_hash" /
+    "files+row_hash" (one of the two given; the other split hashed out of data.path), or
+    "separate_seeds" (synthetic: each split generated from its own seed).
+    """
     d = c.data
     if d.format == "synthetic":
-        splits, extra = {}, {}
+        splits, extra = {}, {"split_method": "separate_seeds"}
         for i, name in enumerate(("train", "validation", "test")):
             scfg = synthetic_config(d.synthetic, data_seed=d.synthetic.data_seed + i)
             if name != "train":
@@ -82,33 +91,38 @@ def prepare_data(c: ml_collections.ConfigDict, tokenizer):
             extra[f"{name}_prefs"] = prefs
         return splits, syn.EOS_ID, extra
     if tokenizer is None:
-        raise ValueError(f"model.path={c.model.path!r} has no tokenizer; data.format={d.format!r} needs one")
-    if d.format == "hh":
-        rows, report = split_hh(d.path or HH_HARMLESS_BASE_TEST, on_bad_row=d.on_bad_row,
-                                max_bad_fraction=d.max_bad_fraction)
-        log.info("HH-RLHF %s: %d rows, %d kept, bad rows by reason %s", report.path, report.n_rows, report.n_kept,
-                 dict(report.bad_counts))
-    elif d.format == "jsonl":
-        if not d.path:
-            raise ValueError("data.format='jsonl' needs --config.data.path=FILE")
-        all_rows, report = read_preferences(d.path, "jsonl", on_bad_row=d.on_bad_row,
-                                            max_bad_fraction=d.max_bad_fraction)
-        rows = split_rows(all_rows)
-        log.info("%s: %d rows, %d kept, bad rows by reason %s", d.path, report.n_rows, report.n_kept,
-                 dict(report.bad_counts))
+        raise ConfigError(f"model.path={c.model.path!r} has no tokenizer; data.format={d.format!r} needs one")
+    if d.split_by not in SPLIT_BY:
+        raise ConfigError(f"data.split_by={d.split_by!r} is not one of {SPLIT_BY}")
+    if d.on_bad_row not in ON_BAD_ROW:
+        raise ConfigError(f"data.on_bad_row={d.on_bad_row!r} is not one of {ON_BAD_ROW}")
+    if not 0.0 <= d.max_bad_fraction <= 1.0:
+        raise ConfigError(f"data.max_bad_fraction={d.max_bad_fraction} must be in [0, 1]")
+    if d.format in ("hh", "jsonl"):
+        rows, method, where = _read_splits(d)
     elif d.format == "tfds":
         # Too big to parse at every start: prepared once as an array_record TFDS dataset under
         # data.tfds_dir (reused while the source file is unchanged), then read back through grain.
         if not d.path:
-            raise ValueError("data.format='tfds' needs --config.data.path=FILE (a {prompt, chosen, rejected} JSONL)")
+            raise ConfigError("data.format='tfds' needs --config.data.path=FILE (a {prompt, chosen, rejected} JSONL)")
+        for key in ("validation_path", "test_path"):
+            if d[key]:
+                raise ConfigError(f"data.{key} is not supported with data.format='tfds' (it splits data.path by "
+                                  "prompt hash); use data.format='jsonl' for your own splits")
+        if d.split_by == "row":
+            raise ConfigError("data.split_by='row' is not supported with data.format='tfds' (it splits by prompt "
+                              "hash); use data.format='jsonl'")
+        _require_file("path", d.path)
         from ava_jax.data import tfds_builder
         builder = tfds_builder.prepare_preferences(
             d.path, d.tfds_dir or os.path.join(os.path.dirname(os.path.abspath(d.path)), "tfds"),
             split_fractions={"train": 0.8, "validation": 0.1, "test": 0.1}, on_bad_row=d.on_bad_row,
             max_bad_fraction=d.max_bad_fraction)
         rows = {name: tfds_builder.read_tfds_preferences(builder, name) for name in ("train", "validation", "test")}
+        method, where = "prompt_hash", dict.fromkeys(rows, f"data.path={d.path!r}")
     else:
-        raise ValueError(f"data.format={d.format!r} is not one of ('hh', 'jsonl', 'tfds', 'synthetic')")
+        raise ConfigError(f"data.format={d.format!r} is not one of ('hh', 'jsonl', 'tfds', 'synthetic')")
+    log.info("splits (%s): %s", method, {k: len(v) for k, v in rows.items()})
     splits = {}
     for name in ("train", "validation", "test"):
         part = rows[name]
@@ -119,12 +133,51 @@ def prepare_data(c: ml_collections.ConfigDict, tokenizer):
         log.info("%s: %d pairs tokenised (%d truncated: %d prompts cut, %d responses cut; bad %s)", name,
                  rep.n_kept, rep.n_truncated, rep.n_prompt_truncated, rep.n_response_truncated, dict(rep.bad_counts))
         if len(arrays) == 0:
-            raise ValueError(f"data.path={d.path or 'bundled HH-RLHF'!r}: the {name} split has no pairs "
-                             f"(split sizes by prompt hash: { {k: len(v) for k, v in rows.items()} }); "
-                             "use a larger file")
+            raise DataError(f"{where[name]}: the {name} split has no pairs (split sizes by {method}: "
+                            f"{ {k: len(v) for k, v in rows.items()} }); use a larger file")
         splits[name] = arrays
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else (tokenizer.eos_id or 0)
-    return splits, pad, {}
+    return splits, pad, {"split_method": method}
+
+
+def _require_file(key: str, path: str) -> None:
+    if not os.path.isfile(path):
+        what = "is a directory, not a file" if os.path.isdir(path) else "does not exist"
+        raise ConfigError(f"data.{key}={path!r} {what}")
+
+
+def _read_splits(d: ml_collections.ConfigDict):
+    """Reads data.path (the train file when data.validation_path / data.test_path are given) and
+    splits it; a given split file is used as it is. Returns ({split: rows}, split method, {split: source})."""
+    if d.format == "jsonl" and not d.path:
+        raise ConfigError("data.format='jsonl' needs --config.data.path=FILE")
+    files = {"train": ("path", d.path or HH_HARMLESS_BASE_TEST)}
+    files.update({name: (f"{name}_path", d[f"{name}_path"]) for name in ("validation", "test")
+                  if d[f"{name}_path"]})
+    rows = {}
+    for name, (key, path) in files.items():
+        _require_file(key, path)
+        rows[name], report = read_preferences(path, d.format, on_bad_row=d.on_bad_row,
+                                              max_bad_fraction=d.max_bad_fraction)
+        log.info("%s%s: %d rows, %d kept, bad rows by reason %s", "HH-RLHF " if d.format == "hh" else "",
+                 report.path, report.n_rows, report.n_kept, dict(report.bad_counts))
+    where = {name: f"data.{key}={path!r}" for name, (key, path) in files.items()}
+    missing = [name for name in ("validation", "test") if name not in files]
+    if not missing:
+        return rows, "files", where
+    # The default 80/10/10; a split given as a file leaves its 10% to train.
+    names = ("train", *missing)
+    fractions = DEFAULT_FRACTIONS if len(missing) == 2 else (0.9, 0.1)
+    parts, method = split_preferences(rows["train"], fractions, names, split_by=d.split_by,
+                                      source=files["train"][1])
+    for name in missing:
+        where[name] = f"data.path={d.path or 'bundled HH-RLHF'!r} ({name} split by {method})"
+    if len(missing) == 1:
+        given = next(n for n in ("validation", "test") if n in files)
+        log.warning("data.%s_path is given but data.%s_path is not: the %s split is made from data.path=%r by %s "
+                    "(10%% of its rows; train keeps 90%%)", given, missing[0], missing[0], files["train"][1], method)
+        method = f"files+{method}"
+    return {**rows, **parts}, method, where
 
 
 def build_model(c: ml_collections.ConfigDict, vocab_size: int | None = None):
@@ -226,6 +279,6 @@ def format_result(r: RewardModelResult) -> str:
         lines.append(f"| {split} | {m['pairs']:.0f} | {m['accuracy']:.4f} | {m['margin']:.4f} | "
                      f"{m.get('acc_low_sigma', float('nan')):.4f} | {m.get('acc_high_sigma', float('nan')):.4f} |")
     for k, v in r.extra.items():
-        lines.append(f"{k}: {v:.4f}")
+        lines.append(f"{k}: {v}" if isinstance(v, str) else f"{k}: {v:.4f}")
     lines.append(f"checkpoint: {r.checkpoint_dir or '(none: set --config.workdir=DIR)'}")
     return "\n".join(lines)
