@@ -30,8 +30,14 @@ class SamplingConfig:
     pad_id: int = 0
     prompt_bucket: int = 32
     new_bucket: int = 16
+    # Token ids never sampled: their logits are set to -inf before temperature, top-k and top-p, so
+    # `logprobs` are those of the renormalised policy actually sampled. E.g. (bos_id, eos_id) for
+    # fixed-length responses with no early end.
+    banned_ids: tuple[int, ...] = ()
 
     def __post_init__(self):
+        if not isinstance(self.banned_ids, tuple) or any(not isinstance(i, int) or i < 0 for i in self.banned_ids):
+            raise ValueError(f"sampling.banned_ids must be a tuple of non-negative ints, got {self.banned_ids!r}")
         if self.max_new_tokens < 1:
             raise ValueError(f"sampling.max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
@@ -81,6 +87,8 @@ def _filter_logits(logits_BxV, top_k: int, top_p: float):
 
 
 def _next_token(logits_BxV, key, cfg: SamplingConfig):
+    if cfg.banned_ids:
+        logits_BxV = logits_BxV.at[:, jnp.asarray(cfg.banned_ids)].set(-jnp.inf)
     if cfg.temperature == 0:
         token_B = jnp.argmax(logits_BxV, axis=-1)
         logp_BxV = jax.nn.log_softmax(logits_BxV, axis=-1)

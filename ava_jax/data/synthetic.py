@@ -342,14 +342,17 @@ def _partial_sums(x_NxT, row_M: np.ndarray, start_M: np.ndarray, length_M: np.nd
     return csum_NxT1[row_M, start_M + length_M] - csum_NxT1[row_M, start_M]
 
 
-def make_prefix_pairs(prefs: SyntheticPreferences, lengths: tuple[int, ...] | None = None) -> PrefixPairs:
+def make_prefix_pairs(prefs: SyntheticPreferences, lengths: tuple[int, ...] | None = None,
+                      response_len: int | None = None) -> PrefixPairs:
     """Prefix pairs (method.md section 5) from each preference row at each length (default 1..H-1).
 
     The label is deterministic (the larger true partial return wins): the claim under test is that
     learned per-token rewards order partial responses. Exact ties (e.g. identical prefixes) are
-    dropped because they have no correct answer.
+    dropped because they have no correct answer. `response_len` (H) defaults to
+    prefs.task.cfg.response_len; pass it for other preference sets with the same fields (e.g.
+    `stories.StoriesPreferences`, whose H is `prefs.response_len`).
     """
-    h = prefs.task.cfg.response_len
+    h = prefs.task.cfg.response_len if response_len is None else response_len
     lengths = tuple(range(1, h)) if lengths is None else tuple(lengths)
     if not lengths or min(lengths) < 1 or max(lengths) > h:
         raise ValueError(f"make_prefix_pairs: lengths={lengths} must lie in 1..{h}")
