@@ -43,17 +43,23 @@ def _last(out: TQROutput, side):
     return gather_last(out.reward_mean, last_B)
 
 
+def _per_row_lm_loglik(out: TQROutput, side, include_prompt: bool):
+    """([B] sum, [B] count) of the backbone LM's log-likelihood of each row's counted actions."""
+    response_BxT, _ = token_positions(side["tokens_BxT"], side["mask_BxT"], side["prompt_len_B"])
+    mask_BxN = transition_masks(response_BxT, side["mask_BxT"], include_prompt)[0]
+    tokens_BxT = jnp.where(side["mask_BxT"].astype(bool), side["tokens_BxT"], 0)
+    logp_BxN = token_logprobs(out.logits, tokens_BxT)
+    return jnp.sum(jnp.where(mask_BxN, logp_BxN, 0.0), axis=1), jnp.sum(mask_BxN, axis=1, dtype=jnp.float32)
+
+
 def lm_loglik(out: TQROutput, side, include_prompt: bool = False):
     """(sum, count) of the backbone LM's log-likelihood of the counted actions (response tokens).
 
     Read from the LM logits, not from Q, so a policy flattened by the TD term shows here whatever
     the Q parameterisation (method.md section 6).
     """
-    response_BxT, _ = token_positions(side["tokens_BxT"], side["mask_BxT"], side["prompt_len_B"])
-    mask_BxN = transition_masks(response_BxT, side["mask_BxT"], include_prompt)[0]
-    tokens_BxT = jnp.where(side["mask_BxT"].astype(bool), side["tokens_BxT"], 0)
-    logp_BxN = token_logprobs(out.logits, tokens_BxT)
-    return (jnp.sum(jnp.where(mask_BxN, logp_BxN, 0.0)), jnp.sum(mask_BxN, dtype=jnp.float32))
+    total_B, count_B = _per_row_lm_loglik(out, side, include_prompt)
+    return jnp.sum(total_B), jnp.sum(count_B)
 
 
 def make_loss_fn(cfg: LossConfig):
@@ -85,11 +91,13 @@ def make_loss_fn(cfg: LossConfig):
 
 
 def make_score_fn(cfg: LossConfig, score: str = "last"):
-    """`score_fn(model, side) -> (score_B, sigma_B)`: the reward-model score of each sequence.
+    """`score_fn(model, side) -> (score_B, sigma_B, lm_B)`: the reward-model score of each sequence.
 
     AVA: `eval.score="last"` is the reward mean of the last response transition (its sigma is the
     uncertainty); `"sum"` sums the reward means over response transitions (sigma adds in quadrature).
     BT: the scalar reward at the last real token. PT: sum_t w_t r_t. Baselines have sigma 0.
+    lm_B: AVA only, the backbone LM's mean log-likelihood per response token (NaN for the baselines,
+    whose LM head is not trained and not computed).
     """
     if score not in ("last", "sum"):
         raise ValueError(f"eval.score={score!r} is not one of ('last', 'sum')")
@@ -99,15 +107,18 @@ def make_score_fn(cfg: LossConfig, score: str = "last"):
         zeros = jnp.zeros(side["tokens_BxT"].shape[:1], jnp.float32)
         if cfg.objective in ("ava_p", "ava_d"):
             terms = avril_terms(*avril_inputs(out, side), cfg)
+            lm_total, lm_count = _per_row_lm_loglik(out, side, cfg.include_prompt)
+            lm_B = lm_total / jnp.maximum(lm_count, 1.0)
             if score == "last":
-                return terms["mu_last_B"], terms["sigma_last_B"]
+                return terms["mu_last_B"], terms["sigma_last_B"], lm_B
             m = terms["mask_BxN"]
             mu = jnp.sum(jnp.where(m, terms["mu_BxN"], 0.0), axis=1)
             var = jnp.sum(jnp.where(m, jnp.square(terms["sigma_BxN"]), 0.0), axis=1)
-            return mu, jnp.sqrt(var)
+            return mu, jnp.sqrt(var), lm_B
         if cfg.objective == "bt":
-            return _last(out, side), zeros
+            return _last(out, side), zeros, zeros + jnp.nan
         if cfg.objective == "pt":
-            return jnp.sum(jnp.where(side["mask_BxT"].astype(bool), out.reward_mean, 0.0), axis=1), zeros
+            return (jnp.sum(jnp.where(side["mask_BxT"].astype(bool), out.reward_mean, 0.0), axis=1), zeros,
+                    zeros + jnp.nan)
         raise ValueError(f"objective={cfg.objective!r} has no score here")
     return score_fn

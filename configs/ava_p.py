@@ -1,7 +1,8 @@
 """AVA-p (preference pairs), pipeline `reward_model`.
 
-  python -m ava_jax.main --config=configs/ava_p.py                 # bundled HH-RLHF harmless + TinyStories-260K
+  python -m ava_jax.main --config=configs/ava_p.py                 # stories task (gold per-token rewards) + TinyStories-260K
   python -m ava_jax.main --config=configs/ava_p.py:tiny            # a few steps (the tests run this)
+  python -m ava_jax.main --config=configs/ava_p.py:hh              # bundled HH-RLHF harmless + TinyStories-260K
   python -m ava_jax.main --config=configs/ava_p.py:synthetic       # ground-truth token MDP
   python -m ava_jax.main --config=configs/ava_p.py:paper --config.model.path=/path/to/gpt2 --config.workdir=runs/ava_p
 Any field can be overridden, e.g. --config.train.steps=1000 --config.workdir=runs/ava_p (resumes if it exists).

@@ -404,7 +404,7 @@ def _prepare(**data_keys):
     from ava_jax.config import reward_model_config, resolve_path
     from ava_jax.pipelines.reward_model import prepare_data
     from ava_jax.tokenizers import load_tokenizer
-    c = reward_model_config("bt", "tiny")
+    c = reward_model_config("bt", "hh_tiny")
     c.data.update(format="jsonl", max_train_pairs=0, max_validation_pairs=0, max_test_pairs=0,
                   **data_keys)
     return prepare_data(c, load_tokenizer(resolve_path("bundled:tinystories-260k")))

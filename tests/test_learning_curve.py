@@ -4,9 +4,9 @@ import json
 
 import pytest
 
+from ava_jax import config as cfglib
 from ava_jax.data import synthetic as syn
 from ava_jax.pipelines import learning_curve as lc
-from ava_jax.pipelines import reward_model
 
 
 def test_overrides_parse_and_reject_unknown_keys():
@@ -39,7 +39,7 @@ def test_learning_curve_writes_outputs(tmp_path):
     assert len(numbers) == 2 + 3 * 2 and all(0.0 <= v <= 1.0 for v in numbers), numbers
     # The ceiling row is the Bayes-optimal accuracy of the pipeline's own test pairs.
     c = lc.run_config("bt", 256, 0, variant="synthetic_tiny")
-    scfg = dataclasses.replace(reward_model.synthetic_config(c.data.synthetic, c.data.synthetic.data_seed + 2),
+    scfg = dataclasses.replace(cfglib.synthetic_config(c.data.synthetic, c.data.synthetic.data_seed + 2),
                                num_examples=c.data.synthetic.num_eval_examples)
     bayes = syn.make_preference_dataset(scfg).bayes_optimal_accuracy
     assert payload["references"]["bayes_ceiling"] == {"256": bayes, "512": bayes}

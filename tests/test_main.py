@@ -70,7 +70,7 @@ def test_config_mistakes_end_with_one_line(args, needles):
     _assert_one_line_error(run_main(*args), *needles)
 
 
-TWO_STEPS = ("--config=configs/bt.py:tiny", "--config.train.steps=2", "--config.train.log_every=1")
+TWO_STEPS = ("--config=configs/bt.py:hh_tiny", "--config.train.steps=2", "--config.train.log_every=1")
 
 
 def test_tiny_run_keeps_library_info_logs_quiet(tmp_path):

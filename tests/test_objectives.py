@@ -83,7 +83,7 @@ def test_any_jsonl_file_trains(tmp_path):
             for name in ("train", "validation", "test") for r in splits[name][:60]]
     path = tmp_path / "prefs.jsonl"
     _write_jsonl(path, rows)
-    c = reward_model_config("bt", "tiny")
+    c = reward_model_config("bt", "hh_tiny")
     c.data.update(path=str(path), format="jsonl", max_train_pairs=64, max_validation_pairs=32, max_test_pairs=32)
     c.train.progress = False
     result = reward_model.run(c)

@@ -95,7 +95,18 @@ def test_main_tiny_runs_end_to_end(tmp_path):
                            f"--config.workdir={tmp_path}", "--config.train.progress=False"], cwd=REPO,
                           capture_output=True, text=True, timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "| test |" in proc.stdout and "checkpoint:" in proc.stdout
+    assert "| test |" in proc.stdout and "checkpoint:" in proc.stdout and "Bayes ceiling" in proc.stdout
     assert os.path.isdir(os.path.join(tmp_path, "checkpoints", "6"))
+    # The stories task (the default data): the summary gives test accuracy beside the exact ceiling,
+    # sigma's calibration and the intermediate-reward diagnostics; the reliability plot is there.
+    summary = json.load(open(os.path.join(tmp_path, "summary.json")))
+    assert summary["objective"] == "ava_p" and summary["config"]["data"]["format"] == "stories"
+    assert 0.5 < summary["extra"]["test_bayes_optimal_accuracy"] < 1.0
+    test = summary["metrics"]["test"]
+    assert test["pairs"] == 32 and 0.0 <= test["accuracy"] <= 1.0 and 0.0 <= test["ece"] <= 1.0
+    assert test["lm_loglik_chosen"] < 0 and 0.0 <= summary["extra"]["test_prefix_accuracy"] <= 1.0
+    assert f"summary: {tmp_path}/summary.json" in proc.stdout
+    with open(os.path.join(tmp_path, "reliability_test.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     rows = [json.loads(line) for line in open(os.path.join(tmp_path, "metrics.jsonl"))]
     assert any("final_test/accuracy" in r for r in rows)

@@ -9,8 +9,8 @@ from ava_jax.data import make_dataset
 
 
 def make_pair_scorer(score_fn, graphdef):
-    """The jitted `(params, batch) -> ((score_c, sigma_c), (score_r, sigma_r))`; build it once per run
-    so repeated evaluations reuse the compiled program."""
+    """The jitted `(params, batch) -> ((score_c, sigma_c, lm_c), (score_r, sigma_r, lm_r))`; build it
+    once per run so repeated evaluations reuse the compiled program."""
     @jax.jit
     def both(params, batch):
         model = nnx.merge(graphdef, params)
@@ -21,18 +21,19 @@ def make_pair_scorer(score_fn, graphdef):
 def pair_scores(scorer, params, arrays, *, batch_size: int, pad_id: int, pad_to_multiple: int | None):
     """Scores every pair in file order with `make_pair_scorer`'s function.
 
-    Returns a dict of [N] arrays: score/sigma for chosen/rejected. The last short batch is padded with
-    repeats of its first row so no extra shape is compiled.
+    Returns a dict of [N] arrays: score/sigma/lm (mean LM log-likelihood per response token, NaN
+    where the objective has none) for chosen/rejected. The last short batch is padded with repeats
+    of its first row so no extra shape is compiled.
     """
     ds = make_dataset(arrays, batch_size, 0, pad_id=pad_id, pad_to_multiple=pad_to_multiple, shuffle=False,
                       num_epochs=1, drop_remainder=False)
-    out = {k: [] for k in ("score_c", "sigma_c", "score_r", "sigma_r")}
+    out = {k: [] for k in ("score_c", "sigma_c", "lm_c", "score_r", "sigma_r", "lm_r")}
     for batch in ds:
         n = batch["index_B"].shape[0]
         if n < batch_size:
             batch = jax.tree.map(lambda x: np.concatenate([x, np.repeat(x[:1], batch_size - n, axis=0)]), batch)
-        (sc, gc), (sr, gr) = jax.device_get(scorer(params, {"chosen": batch["chosen"], "rejected": batch["rejected"]}))
-        for k, v in zip(out, (sc, gc, sr, gr)):
+        side_c, side_r = jax.device_get(scorer(params, {"chosen": batch["chosen"], "rejected": batch["rejected"]}))
+        for k, v in zip(out, (*side_c, *side_r)):
             out[k].append(np.asarray(v[:n], np.float64))
     return {k: np.concatenate(v) if v else np.zeros((0,)) for k, v in out.items()}
 
@@ -46,6 +47,10 @@ def pairwise_metrics(scores: dict) -> dict[str, float]:
     diff = scores["score_c"] - scores["score_r"]
     correct = (diff > 0) + 0.5 * (diff == 0)
     metrics = {"accuracy": float(np.mean(correct)), "margin": float(np.mean(diff)), "pairs": float(diff.size)}
+    for side in ("c", "r"):  # the backbone LM after training (AVA only): is the policy flattened?
+        lm = scores.get(f"lm_{side}")
+        if lm is not None and lm.size and not np.isnan(lm).any():
+            metrics[f"lm_loglik_{'chosen' if side == 'c' else 'rejected'}"] = float(np.mean(lm))
     unc = np.sqrt(scores["sigma_c"] ** 2 + scores["sigma_r"] ** 2)
     if diff.size >= 4 and np.ptp(unc) > 0:
         order = np.argsort(unc, kind="stable")

@@ -5,6 +5,7 @@ accuracy on validation and test, and checkpoint (latest + best, resumable with t
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import time
@@ -20,11 +21,14 @@ from ava_jax import sharding as shd
 from ava_jax.data import (HH_HARMLESS_BASE_TEST, SPLIT_BY, PairArrays, SeqArrays, make_dataset, make_iterator,
                           read_preferences, split_preferences, tokenize_pairs)
 from ava_jax.data import synthetic as syn
+from ava_jax.data.ground_truth import pair_arrays
 from ava_jax.data.splits import DEFAULT_FRACTIONS
 from ava_jax.data.validate import ON_BAD_ROW
 from ava_jax.errors import ConfigError, DataError
+from ava_jax.eval.calibration import calibration_metrics, plot_reliability, preference_probability, reliability_bins
+from ava_jax.eval.ground_truth import ground_truth_diagnostics
 from ava_jax.eval.reward import make_pair_scorer, pair_scores, pairwise_metrics
-from ava_jax.losses import LossConfig
+from ava_jax.losses.config import OBJECTIVES  # noqa: F401  the objectives this pipeline trains
 from ava_jax.models import TQR, param_count
 from ava_jax.objectives import make_loss_fn, make_score_fn
 from ava_jax.train.checkpoint import RunCheckpointer
@@ -33,7 +37,6 @@ from ava_jax.train.metrics import MetricWriter
 from ava_jax.train.step import StepOptions, init_train_state, make_train_step
 
 log = logging.getLogger(__name__)
-OBJECTIVES = ("ava_p", "ava_d", "bt", "pt")
 
 
 @dataclasses.dataclass
@@ -46,28 +49,8 @@ class RewardModelResult:
     graphdef: object = dataclasses.field(default=None, repr=False)  # nnx.merge(graphdef, params) -> TQR
     params: object = dataclasses.field(default=None, repr=False)
     splits: dict = dataclasses.field(default=None, repr=False)  # the tokenised data, for notebooks
-
-
-def loss_config(c: ml_collections.ConfigDict) -> LossConfig:
-    if c.objective not in OBJECTIVES:
-        raise ValueError(f"config.objective={c.objective!r} is not one of {OBJECTIVES}")
-    kw = dict(c.loss)
-    return LossConfig(objective=c.objective, reward_align=c.model.reward_align, **kw)
-
-
-def _synthetic_arrays(p: syn.SyntheticPreferences) -> PairArrays:
-    def side(prefix):
-        tokens, mask, plen = (getattr(p, f"{prefix}_{k}") for k in ("tokens_NxT", "mask_NxT", "prompt_len_N"))
-        seqs = tuple(np.asarray(t[m.astype(bool)], np.int32) for t, m in zip(tokens, mask))
-        return SeqArrays(tokens=seqs, prompt_len_N=np.asarray(plen, np.int32),
-                         line_N=np.arange(1, len(seqs) + 1, dtype=np.int32), max_len=tokens.shape[1])
-    return PairArrays(chosen=side("chosen"), rejected=side("rejected"))
-
-
-def synthetic_config(d: ml_collections.ConfigDict, data_seed: int) -> syn.SyntheticConfig:
-    return syn.SyntheticConfig(vocab_size=d.vocab_size, prompt_len=d.prompt_len, response_len=d.response_len,
-                               bt_temperature=d.bt_temperature, num_examples=d.num_examples, seed=d.seed,
-                               data_seed=data_seed)
+    scores: dict = dataclasses.field(default=None, repr=False)  # split -> per-pair scores (eval.reward.pair_scores)
+    eos_id: int | None = None  # the tokenizer's EOS id (None without a tokenizer)
 
 
 def prepare_data(c: ml_collections.ConfigDict, tokenizer):
@@ -76,20 +59,30 @@ def prepare_data(c: ml_collections.ConfigDict, tokenizer):
     split_method: "prompt_hash" or "row_hash" (`split_preferences`, chosen by data.split_by), "files"
     (data.validation_path and data.test_path given: no hashing), "files+prompt_hash" /
     "files+row_hash" (one of the two given; the other split hashed out of data.path), or
-    "separate_seeds" (synthetic: each split generated from its own seed).
+    "separate_seeds" (synthetic: each split generated from its own seed), "prompt_hash" (stories:
+    each split's prompts by hash). Ground-truth tasks also put each split's preferences in
+    extra[f"{split}_prefs"] (for the diagnostics; dropped from the result).
     """
     d = c.data
-    if d.format == "synthetic":
-        splits, extra = {}, {"split_method": "separate_seeds"}
+    if d.format in ("synthetic", "stories"):
+        splits, extra = {}, {"split_method": "separate_seeds" if d.format == "synthetic" else "prompt_hash"}
         for i, name in enumerate(("train", "validation", "test")):
-            scfg = synthetic_config(d.synthetic, data_seed=d.synthetic.data_seed + i)
-            if name != "train":
-                scfg = dataclasses.replace(scfg, num_examples=d.synthetic.num_eval_examples)
-            prefs = syn.make_preference_dataset(scfg)
-            splits[name] = _synthetic_arrays(prefs)
+            if d.format == "synthetic":
+                scfg = cfglib.synthetic_config(d.synthetic, data_seed=d.synthetic.data_seed + i)
+                if name != "train":
+                    scfg = dataclasses.replace(scfg, num_examples=d.synthetic.num_eval_examples)
+                prefs = syn.make_preference_dataset(scfg)
+            else:
+                from ava_jax.data import stories
+                prefs = stories.load_or_make_preferences(cfglib.stories_config(d.stories, name),
+                                                         d.stories.cache_dir or None)
+            splits[name] = pair_arrays(prefs)
+            log.info("%s %s: %d pairs, Bayes-optimal accuracy %.4f", d.format, name, len(splits[name]),
+                     prefs.bayes_optimal_accuracy)
             extra[f"{name}_bayes_optimal_accuracy"] = prefs.bayes_optimal_accuracy
             extra[f"{name}_prefs"] = prefs
-        return splits, syn.EOS_ID, extra
+        pad = syn.EOS_ID if d.format == "synthetic" else stories.EOS_ID
+        return splits, pad, extra
     if tokenizer is None:
         raise ConfigError(f"model.path={c.model.path!r} has no tokenizer; data.format={d.format!r} needs one")
     if d.split_by not in SPLIT_BY:
@@ -121,7 +114,7 @@ def prepare_data(c: ml_collections.ConfigDict, tokenizer):
         rows = {name: tfds_builder.read_tfds_preferences(builder, name) for name in ("train", "validation", "test")}
         method, where = "prompt_hash", dict.fromkeys(rows, f"data.path={d.path!r}")
     else:
-        raise ConfigError(f"data.format={d.format!r} is not one of ('hh', 'jsonl', 'tfds', 'synthetic')")
+        raise ConfigError(f"data.format={d.format!r} is not one of ('hh', 'jsonl', 'tfds', 'synthetic', 'stories')")
     log.info("splits (%s): %s", method, {k: len(v) for k, v in rows.items()})
     splits = {}
     for name in ("train", "validation", "test"):
@@ -203,7 +196,7 @@ def make_optimizer(t: ml_collections.ConfigDict) -> optax.GradientTransformation
 
 def run(config: ml_collections.ConfigDict) -> RewardModelResult:
     t0 = time.perf_counter()
-    lcfg = loss_config(config)
+    lcfg = cfglib.loss_config(config)
     vocab = config.data.synthetic.vocab_size if config.data.format == "synthetic" else None
     model, tokenizer = build_model(config, vocab)
     splits, pad_id, extra = prepare_data(config, tokenizer)
@@ -238,47 +231,62 @@ def run(config: ml_collections.ConfigDict) -> RewardModelResult:
                            max_consecutive_bad_steps=t.max_consecutive_bad_steps, progress=t.progress)
         state, _ = train_loop(step, state, it, jax.random.key(config.seed), opts, writer=writer, checkpointer=ckpt,
                               eval_fn=lambda s: evaluate("validation", s)[0])
-        results = {}
+        results, all_scores = {}, {}
         for split in ("validation", "test"):
             results[split], scores = evaluate(split, state)
+            all_scores[split] = scores
+            prefs = extra.get(f"{split}_prefs")
+            if lcfg.objective in ("ava_p", "ava_d"):  # is sigma calibrated? (baselines have none)
+                results[split].update(calibration_metrics(
+                    scores, None if prefs is None else prefs.prob_chosen_N))
+                p_N = preference_probability(scores)
+                if config.workdir and split == "test" and not np.isnan(p_N).all():
+                    plot_reliability(reliability_bins(p_N[~np.isnan(p_N)]),
+                                     os.path.join(config.workdir, "reliability_test.png"),
+                                     f"{config.objective}: P(chosen) = Phi(dmu / sigma), test pairs")
             writer.write(int(state.step), results[split], prefix=f"final_{split}/")
-            if config.data.format == "synthetic":
-                extra.update(_synthetic_diagnostics(split, extra[f"{split}_prefs"], graphdef, state.params, lcfg,
-                                                    config, pad_id, splits[split]))
+            if prefs is not None:
+                extra.update(ground_truth_diagnostics(split, prefs, graphdef, state.params, lcfg, splits[split],
+                                                      pad_id=pad_id, batch_size=config.eval.batch_size))
         writer.close()
         ckpt_dir = os.path.join(config.workdir, "checkpoints", str(int(state.step))) if ckpt else None
         if ckpt:
             ckpt.close()
     extra = {k: v for k, v in extra.items() if not k.endswith("_prefs")}
     result = RewardModelResult(config.objective, results, ckpt_dir, time.perf_counter() - t0, extra, graphdef,
-                               state.params, splits)
-    print(format_result(result))
+                               state.params, splits, all_scores,
+                               tokenizer.eos_id if tokenizer is not None else syn.EOS_ID)
+    if config.workdir:
+        write_summary(result, config)
+    print(format_result(result, config.workdir))
     return result
 
 
-def _synthetic_diagnostics(split, prefs, graphdef, params, lcfg, config, pad_id, arrays):
-    """Prefix-pair accuracy and rank correlation of learned per-token reward means with the truth."""
-    from ava_jax.eval.intermediate import token_reward_means
-    mu_c = token_reward_means(graphdef, params, lcfg, arrays.chosen, prefs.chosen_tokens_NxT.shape[1], pad_id,
-                              config.eval.batch_size)
-    mu_r = token_reward_means(graphdef, params, lcfg, arrays.rejected, prefs.rejected_tokens_NxT.shape[1], pad_id,
-                              config.eval.batch_size)
-    pairs = syn.make_prefix_pairs(prefs)
-    mask = np.concatenate([prefs.chosen_true_reward_NxT != 0, prefs.rejected_true_reward_NxT != 0])
-    true = np.concatenate([prefs.chosen_true_reward_NxT, prefs.rejected_true_reward_NxT])
-    rho = syn.spearman(np.concatenate([mu_c, mu_r]), true, mask=mask)
-    return {f"{split}_bayes_optimal_accuracy": prefs.bayes_optimal_accuracy,
-            f"{split}_prefix_accuracy": syn.prefix_pair_accuracy(pairs, mu_c, mu_r),
-            f"{split}_reward_spearman": float(rho)}
+def write_summary(r: RewardModelResult, config: ml_collections.ConfigDict) -> str:
+    """`<workdir>/summary.json`: the final metrics, machine-readable, with the config that made them."""
+    path = os.path.join(config.workdir, "summary.json")
+    payload = {"pipeline": "reward_model", "objective": r.objective, "step": int(config.train.steps),
+               "wall_s": r.wall_s, "metrics": r.metrics, "extra": r.extra, "checkpoint": r.checkpoint_dir,
+               "config": config.to_dict()}
+    os.makedirs(config.workdir, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(payload, f, indent=2, default=float, allow_nan=True)
+    return path
 
 
-def format_result(r: RewardModelResult) -> str:
-    lines = [f"\n{r.objective}: finished in {r.wall_s:.0f} s", "| split | pairs | accuracy | margin | acc (low sigma) "
-             "| acc (high sigma) |", "|---|---|---|---|---|---|"]
+def format_result(r: RewardModelResult, workdir: str = "") -> str:
+    lines = [f"\n{r.objective}: finished in {r.wall_s:.0f} s", "| split | pairs | accuracy | Bayes ceiling | margin "
+             "| ECE | LM log-lik chosen / rejected |", "|---|---|---|---|---|---|---|"]
     for split, m in r.metrics.items():
-        lines.append(f"| {split} | {m['pairs']:.0f} | {m['accuracy']:.4f} | {m['margin']:.4f} | "
-                     f"{m.get('acc_low_sigma', float('nan')):.4f} | {m.get('acc_high_sigma', float('nan')):.4f} |")
+        ceiling = r.extra.get(f"{split}_bayes_optimal_accuracy", float("nan"))
+        lm = "-" if "lm_loglik_chosen" not in m else \
+            f"{m['lm_loglik_chosen']:.3f} / {m.get('lm_loglik_rejected', float('nan')):.3f}"
+        lines.append(f"| {split} | {m['pairs']:.0f} | {m['accuracy']:.4f} | {ceiling:.4f} | {m['margin']:.4f} | "
+                     f"{m.get('ece', float('nan')):.4f} | {lm} |")
     for k, v in r.extra.items():
-        lines.append(f"{k}: {v}" if isinstance(v, str) else f"{k}: {v:.4f}")
+        if not k.endswith("_bayes_optimal_accuracy"):
+            lines.append(f"{k}: {v}" if isinstance(v, str) else f"{k}: {v:.4f}")
     lines.append(f"checkpoint: {r.checkpoint_dir or '(none: set --config.workdir=DIR)'}")
+    if workdir:
+        lines.append(f"summary: {os.path.join(workdir, 'summary.json')}")
     return "\n".join(lines)

@@ -1,17 +1,23 @@
-"""Paper Table 1: reward-model accuracy of BT, PT, AVA-p, its ablations and AVA-d, over seeds,
-on the bundled HH-RLHF harmless split and on the synthetic ground-truth task.
+"""Paper Table 1, second edition: reward-model accuracy of BT, PT, AVA-p (its ablations and readings)
+and AVA-d over seeds, on the two ground-truth tasks (synthetic token MDP, stories) and on HH-RLHF.
 
-  python launch/table1.py --out docs/table1.md                       # everything (CPU: about an hour)
+  python launch/table1.py --out docs/table1.md                          # everything (CPU: hours)
   python launch/table1.py --datasets synthetic --seeds 0,1,2 --out /tmp/t1.md
+  python launch/table1.py --datasets stories --rows BT,PT,AVA-p --seeds 0 --tiny --out /tmp/t1.md   # smoke test
 
-Each cell is mean +- standard deviation of test accuracy over seeds; the synthetic rows also give
-the Bayes-optimal accuracy of the test pairs, the prefix-pair accuracy and the Spearman correlation
-between learned per-token reward means and the true per-token rewards.
+Each cell is mean ± sample standard deviation over seeds. Beside the methods: the Bayes ceiling and
+reference rows that need no network (bigram logistic regression on the synthetic task, unigram
+logistic regression and length heuristics elsewhere); a low-data column (`--low-data` pairs); on the
+ground-truth tasks prefix-pair accuracy and Spearman(mu_t, r*_t); for AVA rows the ECE of
+Phi(dmu / sigma) and the backbone LM's log-likelihood of chosen responses after training; on HH the
+accuracy on pairs where both responses end with EOS. Below the tables, each of the paper's
+reward-modelling claims is marked confirmed, not confirmed or contradicted by `verdict`.
 """
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import json
 import logging
 import platform
 import time
@@ -35,9 +41,11 @@ class Row:
     overrides: tuple = ()  # (dotted key, value) pairs applied to the config
 
 
+_SEQ = (("loss.normalize", "sequence"), ("loss.td_terminal", "zero"), ("loss.cer", "logsigmoid"))
 ROWS = (
     Row("BT", "bt"),
     Row("PT", "pt"),
+    Row("PT w/o rwt", "pt", (("model.reward_weighting", "none"),)),
     Row("AVA-p", "ava_p"),
     Row("AVA-p w/o rwt", "ava_p", (("model.reward_weighting", "none"),)),
     Row("AVA-p w/o neg", "ava_p", (("loss.use_neg", False),)),
@@ -46,10 +54,24 @@ ROWS = (
     Row("AVA-p w/o ptq", "ava_p", (("model.q_param", "fresh"),)),
     Row("AVA-p (reward_align=state)", "ava_p", (("model.reward_align", "state"),)),
     Row("AVA-p (weight_norm=sum, as printed)", "ava_p", (("model.weight_norm", "sum"),)),
+    Row("AVA-p (normalize=sequence)", "ava_p", (("loss.normalize", "sequence"),)),
+    Row("AVA-p (td_terminal=zero)", "ava_p", (("loss.td_terminal", "zero"),)),
+    Row("AVA-p (cer=logsigmoid)", "ava_p", (("loss.cer", "logsigmoid"),)),
+    Row("AVA-p (weight_heads=reward)", "ava_p", (("model.weight_heads", "reward"),)),
+    Row("AVA-p (sigma_init=4)", "ava_p", (("model.sigma_init", 4.0),)),
+    Row("AVA-p (neg_floor=-5)", "ava_p", (("loss.neg_floor", -5.0),)),
+    Row("AVA-p (sequence+terminal+logsigmoid)", "ava_p", _SEQ),
     Row("AVA-d", "ava_d"),
+    Row("AVA-d (sequence+terminal)", "ava_d", _SEQ[:2]),
 )
+ABLATIONS = ("AVA-p w/o rwt", "AVA-p w/o neg", "AVA-p w/o irl", "AVA-p w/o cer", "AVA-p w/o ptq")
 
-DATASETS = {"hh": "", "synthetic": "synthetic"}
+DATASETS = {"synthetic": "synthetic", "stories": "", "hh": "hh"}
+TINY = {"synthetic": "synthetic_tiny", "stories": "tiny", "hh": "hh_tiny"}
+GROUND_TRUTH = ("synthetic", "stories")
+# The config key that sets the number of training pairs, per dataset (for the low-data column).
+TRAIN_PAIRS_KEY = {"synthetic": "data.synthetic.num_examples", "stories": "data.stories.num_pairs",
+                   "hh": "data.max_train_pairs"}
 
 
 def _set(c: ml_collections.ConfigDict, key: str, value) -> None:
@@ -60,93 +82,229 @@ def _set(c: ml_collections.ConfigDict, key: str, value) -> None:
     node[leaf] = value
 
 
-def row_config(row: Row, dataset: str, seed: int, overrides: dict) -> ml_collections.ConfigDict:
-    c = reward_model_config(row.objective, DATASETS[dataset])
+def row_config(row: Row, dataset: str, seed: int, overrides: dict, *, tiny: bool = False,
+               train_pairs: int = 0) -> ml_collections.ConfigDict:
+    c = reward_model_config(row.objective, (TINY if tiny else DATASETS)[dataset])
     c.seed = seed
     c.workdir = ""  # every (row, seed) trains from scratch: no run directory to resume from
     c.train.progress = False
     for k, v in list(row.overrides) + list(overrides.get(dataset, {}).items()):
         _set(c, k, v)
+    if train_pairs:
+        _set(c, TRAIN_PAIRS_KEY[dataset], train_pairs)
     return c
 
 
-def run_table(datasets=("synthetic", "hh"), seeds=(0, 1, 2), rows=ROWS, overrides: dict | None = None):
-    """Runs every (dataset, row, seed); returns {dataset: {row name: [RewardModelResult, ...]}}."""
+@dataclasses.dataclass
+class Cell:
+    """What the table keeps of one (dataset, row, seed) run."""
+
+    test: float
+    validation: float
+    extra: dict
+    test_metrics: dict
+    both_eos: float = float("nan")  # HH: accuracy on test pairs whose two responses end with EOS
+    low_data_test: float = float("nan")
+
+
+def _both_eos_accuracy(result, eos_id: int) -> float:
+    arrays, scores = result.splits["test"], result.scores["test"]
+    ends = [np.asarray([len(s) > 0 and s[-1] == eos_id for s in side.tokens]) for side in (arrays.chosen,
+                                                                                            arrays.rejected)]
+    both = ends[0] & ends[1]
+    if not both.any():
+        return float("nan")
+    diff = (scores["score_c"] - scores["score_r"])[both]
+    return float(np.mean((diff > 0) + 0.5 * (diff == 0)))
+
+
+def run_cell(row: Row, dataset: str, seed: int, overrides: dict, *, tiny: bool, low_data: int) -> Cell:
+    result = reward_model.run(row_config(row, dataset, seed, overrides, tiny=tiny))
+    cell = Cell(result.metrics["test"]["accuracy"], result.metrics["validation"]["accuracy"], dict(result.extra),
+                dict(result.metrics["test"]))
+    if dataset == "hh":
+        cell.both_eos = _both_eos_accuracy(result, result.eos_id)
+    if low_data:
+        small = reward_model.run(row_config(row, dataset, seed, overrides, tiny=tiny, train_pairs=low_data))
+        cell.low_data_test = small.metrics["test"]["accuracy"]
+    return cell
+
+
+def reference_rows(dataset: str, overrides: dict, *, tiny: bool) -> dict[str, float]:
+    """Rows that need no network, on the same train and test pairs the runs see (seed-independent)."""
+    from ava_jax.checkpoints.load import load_pretrained
+    from ava_jax.config import resolve_path
+    from ava_jax.eval import references
+    c = row_config(ROWS[0], dataset, 0, overrides, tiny=tiny)
+    tokenizer = None if dataset == "synthetic" else load_pretrained(resolve_path(c.model.path))[1]
+    splits, pad_id, extra = reward_model.prepare_data(c, tokenizer)
+    refs = {}
+    if dataset in GROUND_TRUTH:
+        refs["Bayes ceiling"] = extra["test_bayes_optimal_accuracy"]
+        refs["true return (sampled labels)"] = extra["test_prefs"].true_ranking_accuracy
+    if dataset == "synthetic":
+        refs["bigram logistic regression"] = references.bigram_logistic_regression(extra["train_prefs"],
+                                                                                  extra["test_prefs"])
+    else:
+        refs["unigram logistic regression"] = references.unigram_logistic_regression(splits["train"],
+                                                                                    splits["test"])
+        for name, acc in references.length_heuristics(splits["test"], eos_id=tokenizer.eos_id).items():
+            if name != "both_eos_pairs":
+                refs[f"heuristic: {name.replace('_', ' ')}"] = acc
+    return refs
+
+
+def run_table(datasets=("synthetic", "stories", "hh"), seeds=(0, 1, 2), rows=ROWS, overrides: dict | None = None,
+              *, tiny: bool = False, low_data: int = 256):
+    """Runs every (dataset, row, seed); returns ({dataset: {row: [Cell]}}, {dataset: reference rows})."""
     overrides = overrides or {}
-    results = {}
+    cells, refs = {}, {}
     for ds in datasets:
-        results[ds] = {}
+        refs[ds] = reference_rows(ds, overrides, tiny=tiny)
+        cells[ds] = {}
         for row in rows:
-            results[ds][row.name] = []
+            cells[ds][row.name] = []
             for seed in seeds:
                 log.info("table1: %s / %s / seed %d", ds, row.name, seed)
-                results[ds][row.name].append(reward_model.run(row_config(row, ds, seed, overrides)))
-    return results
+                cells[ds][row.name].append(run_cell(row, ds, seed, overrides, tiny=tiny, low_data=low_data))
+    return cells, refs
 
 
-def _ms(values) -> str:
-    v = 100 * np.asarray(values, np.float64)
-    return f"{v.mean():.2f} ± {v.std(ddof=1) if v.size > 1 else 0.0:.2f}"
+def _stats(values):
+    v = np.asarray(values, np.float64)
+    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
 
 
-def format_table(results, seeds, command: str, wall_s: float) -> str:
-    out = [f"# Table 1 as measured on this machine ({datetime.date.today().isoformat()})", "",
+def _ms(values, scale=100.0, digits=2) -> str:
+    v = scale * np.asarray(values, np.float64)
+    if v.size == 0 or np.isnan(v).all():
+        return "-"
+    m, s = _stats(v)
+    return f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def verdict(a, b, name_a: str, name_b: str) -> tuple[str, str]:
+    """Is mean(a) > mean(b) beyond the seed spread? (difference > 2 standard errors of the difference)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.size < 2 or b.size < 2:
+        return "not decided (one seed)", f"{name_a} {100 * a.mean():.2f} vs {name_b} {100 * b.mean():.2f}"
+    d = a.mean() - b.mean()
+    se = np.sqrt(a.var(ddof=1) / a.size + b.var(ddof=1) / b.size)
+    text = f"{name_a} {100 * a.mean():.2f} vs {name_b} {100 * b.mean():.2f} (diff {100 * d:+.2f}, 2 SE {200 * se:.2f})"
+    if d > 2 * se:
+        return "confirmed", text
+    if d < -2 * se:
+        return "contradicted", text
+    return "not confirmed (within the seed spread)", text
+
+
+def format_table(cells, refs, seeds, command: str, wall_s: float, low_data: int) -> str:
+    out = [f"# Table 1, second edition, as measured on this machine ({datetime.date.today().isoformat()})", "",
            f"Command: `{command}`  ", f"Seeds: {', '.join(map(str, seeds))}; mean ± sample standard deviation "
-           f"over seeds of test accuracy (%). Host: {platform.machine()}, {platform.python_version()}; "
+           f"over seeds (%). Host: {platform.machine()}, Python {platform.python_version()}; "
            f"wall time {wall_s / 60:.1f} min.", ""]
-    if "hh" in results:
-        out += ["## (a) Anthropic HH-RLHF harmless-base (bundled split), TinyStories-260K backbone", "",
-                "| method | test accuracy % | validation accuracy % | test acc, low sigma half % | "
-                "test acc, high sigma half % | paper (GPT-2, Harmless) |", "|---|---|---|---|---|---|"]
-        for name, rs in results["hh"].items():
-            low = [r.metrics["test"].get("acc_low_sigma", np.nan) for r in rs]
-            high = [r.metrics["test"].get("acc_high_sigma", np.nan) for r in rs]
-            paper = PAPER_HARMLESS.get(name, "")
-            out.append(f"| {name} | {_ms([r.metrics['test']['accuracy'] for r in rs])} | "
-                       f"{_ms([r.metrics['validation']['accuracy'] for r in rs])} | "
-                       f"{_ms(low) if not np.isnan(low).any() else '-'} | "
-                       f"{_ms(high) if not np.isnan(high).any() else '-'} | {paper} |")
+    titles = {"synthetic": "Synthetic token MDP (known per-token rewards), scratch 2-layer model",
+              "stories": "Stories (TinyStories-260K samples, gold word-rule rewards), pretrained TinyStories-260K",
+              "hh": "Anthropic HH-RLHF harmless-base (bundled split), pretrained TinyStories-260K"}
+    for ds, rows in cells.items():
+        gt = ds in GROUND_TRUTH
+        head = ["method", "test acc", "val acc", f"test acc, {low_data} pairs"]
+        head += ["prefix-pair acc", "Spearman(mu, r*)"] if gt else ["both-EOS pairs acc"]
+        head += ["ECE", "LM log-lik chosen"]
+        if ds == "hh":
+            head.append("paper (GPT-2, Harmless)")
+        out += [f"## {titles[ds]}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for name, value in refs[ds].items():
+            out.append(f"| *{name}* | {100 * value:.2f} |" + " |" * (len(head) - 2))
+        for name, cs in rows.items():
+            line = [name, _ms([c.test for c in cs]), _ms([c.validation for c in cs]),
+                    _ms([c.low_data_test for c in cs])]
+            if gt:
+                line += [_ms([c.extra.get("test_prefix_accuracy", np.nan) for c in cs]),
+                         _ms([c.extra.get("test_reward_spearman", np.nan) for c in cs], scale=1.0, digits=3)]
+            else:
+                line.append(_ms([c.both_eos for c in cs]))
+            line += [_ms([c.test_metrics.get("ece", np.nan) for c in cs], scale=1.0, digits=3),
+                     _ms([c.test_metrics.get("lm_loglik_chosen", np.nan) for c in cs], scale=1.0)]
+            if ds == "hh":
+                line.append(str(PAPER_HARMLESS.get(name, "")))
+            out.append("| " + " | ".join(line) + " |")
         out.append("")
-    if "synthetic" in results:
-        out += ["## (b) Synthetic token MDP (known per-token rewards)", "",
-                "| method | test accuracy % | Bayes-optimal % | prefix-pair accuracy % | Spearman(mu_t, r*_t) |",
-                "|---|---|---|---|---|"]
-        for name, rs in results["synthetic"].items():
-            rho = np.asarray([r.extra["test_reward_spearman"] for r in rs])
-            out.append(f"| {name} | {_ms([r.metrics['test']['accuracy'] for r in rs])} | "
-                       f"{_ms([r.extra['test_bayes_optimal_accuracy'] for r in rs])} | "
-                       f"{_ms([r.extra['test_prefix_accuracy'] for r in rs])} | "
-                       f"{rho.mean():.3f} ± {rho.std(ddof=1) if rho.size > 1 else 0.0:.3f} |")
-        out.append("")
+    out += claims(cells)
     return "\n".join(out)
+
+
+def claims(cells) -> list[str]:
+    """The paper's reward-modelling claims, each decided per dataset by `verdict`."""
+    out = ["## The paper's reward-modelling claims at this scale", "",
+           "| claim | dataset | verdict | numbers (test %) |", "|---|---|---|---|"]
+
+    def acc(ds, row, field="test"):
+        return [getattr(c, field) if field != "prefix" else c.extra.get("test_prefix_accuracy", np.nan)
+                for c in cells[ds].get(row, [])]
+    for ds in cells:
+        if "AVA-p" not in cells[ds]:
+            continue
+        for base in ("BT", "PT"):
+            if base in cells[ds]:
+                v, text = verdict(acc(ds, "AVA-p"), acc(ds, base), "AVA-p", base)
+                out.append(f"| AVA-p more accurate than {base} | {ds} | {v} | {text} |")
+        if ds in GROUND_TRUTH:
+            for base in ("BT", "PT"):
+                if base in cells[ds]:
+                    v, text = verdict(acc(ds, "AVA-p", "prefix"), acc(ds, base, "prefix"), "AVA-p", base)
+                    out.append(f"| AVA-p orders partial responses better than {base} (intermediate rewards, "
+                               f"prefix pairs) | {ds} | {v} | {text} |")
+        for ab in ABLATIONS:
+            if ab in cells[ds]:
+                v, text = verdict(acc(ds, "AVA-p"), acc(ds, ab), "AVA-p", ab)
+                out.append(f"| removing {ab.split('w/o ')[1]} hurts | {ds} | {v} | {text} |")
+    out.append("")
+    return out
+
+
+def _parse_value(text: str):
+    """A JSON literal (150, -5.0, true, null) or else the string itself (sequence)."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 def main(argv=None):
     import argparse
     import sys
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--datasets", default="synthetic,hh")
+    p.add_argument("--datasets", default="synthetic,stories,hh")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--rows", default="", help="comma-separated row names (default: all)")
-    p.add_argument("--hh-steps", type=int, default=0, help="override train.steps for the HH runs")
-    p.add_argument("--hh-max-len", type=int, default=0, help="override data.max_len for the HH runs")
-    p.add_argument("--synthetic-steps", type=int, default=0)
+    p.add_argument("--low-data", type=int, default=256, help="training pairs of the low-data column (0: skip)")
+    p.add_argument("--tiny", action="store_true", help="the datasets' tiny variants (a smoke test, not a result)")
+    p.add_argument("--set", action="append", default=[], metavar="DATASET:KEY=VALUE",
+                   help="override a config key for one dataset, e.g. hh:train.steps=150 (repeatable)")
     p.add_argument("--out", default="")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     seeds = tuple(int(s) for s in args.seeds.split(","))
-    rows = tuple(r for r in ROWS if not args.rows or r.name in args.rows.split(","))
-    overrides = {"hh": {}, "synthetic": {}}
-    if args.hh_steps:
-        overrides["hh"]["train.steps"] = args.hh_steps
-    if args.hh_max_len:
-        overrides["hh"]["data.max_len"] = args.hh_max_len
-    if args.synthetic_steps:
-        overrides["synthetic"]["train.steps"] = args.synthetic_steps
+    names = [r for r in args.rows.split(",") if r]
+    unknown = sorted(set(names) - {r.name for r in ROWS})
+    if unknown:
+        p.error(f"unknown rows {unknown}; known: {[r.name for r in ROWS]}")
+    rows = tuple(r for r in ROWS if not names or r.name in names)
+    datasets = tuple(args.datasets.split(","))
+    if set(datasets) - set(DATASETS):
+        p.error(f"--datasets: unknown {sorted(set(datasets) - set(DATASETS))}; known: {sorted(DATASETS)}")
+    overrides: dict = {ds: {} for ds in datasets}
+    for item in args.set:
+        ds, _, kv = item.partition(":")
+        key, _, value = kv.partition("=")
+        if ds not in overrides or not key or not value:
+            p.error(f"--set {item!r}: expected DATASET:KEY=VALUE with DATASET in {datasets}")
+        overrides[ds][key] = _parse_value(value)
     t0 = time.perf_counter()
-    results = run_table(tuple(args.datasets.split(",")), seeds, rows, overrides)
-    text = format_table(results, seeds, "python launch/table1.py " + " ".join(sys.argv[1:] if argv is None else argv),
-                        time.perf_counter() - t0)
+    cells, refs = run_table(datasets, seeds, rows, overrides, tiny=args.tiny, low_data=args.low_data)
+    text = format_table(cells, refs, seeds, "python launch/table1.py " + " ".join(sys.argv[1:] if argv is None else argv),
+                        time.perf_counter() - t0, args.low_data)
     print(text)
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:

@@ -1,0 +1,47 @@
+"""Table 1 driver: the verdict rule, the table's shape, and (slow) a smoke run on the tiny variants."""
+import numpy as np
+import pytest
+
+from ava_jax.pipelines import table1
+
+
+def test_verdict_decides_only_beyond_the_seed_spread():
+    assert table1.verdict([0.80, 0.81, 0.82], [0.70, 0.71, 0.72], "a", "b")[0] == "confirmed"
+    assert table1.verdict([0.70, 0.71, 0.72], [0.80, 0.81, 0.82], "a", "b")[0] == "contradicted"
+    # A 1-point gap with a 3-point spread decides nothing.
+    assert table1.verdict([0.70, 0.76, 0.73], [0.72, 0.69, 0.75], "a", "b")[0].startswith("not confirmed")
+    assert table1.verdict([0.9], [0.1], "a", "b")[0].startswith("not decided")
+
+
+def _cell(acc, **extra):
+    return table1.Cell(test=acc, validation=acc, extra=extra, test_metrics={"ece": 0.1, "lm_loglik_chosen": -2.0},
+                       low_data_test=acc - 0.05)
+
+
+def test_format_table_has_every_row_reference_and_claim():
+    cells = {"synthetic": {name: [_cell(a + 0.01 * s, test_prefix_accuracy=0.6, test_reward_spearman=0.3)
+                                  for s in range(3)]
+                           for name, a in (("BT", 0.7), ("PT", 0.72), ("AVA-p", 0.75), ("AVA-p w/o cer", 0.6))}}
+    refs = {"synthetic": {"Bayes ceiling": 0.8, "bigram logistic regression": 0.79}}
+    text = table1.format_table(cells, refs, (0, 1, 2), "python launch/table1.py", 60.0, 256)
+    for needle in ("| *Bayes ceiling* | 80.00 |", "| AVA-p | 76.00 ± 1.00 |", "test acc, 256 pairs",
+                   "| AVA-p more accurate than BT | synthetic | confirmed |",
+                   "| removing cer hurts | synthetic | confirmed |", "prefix pairs"):
+        assert needle in text, needle
+
+
+def test_unknown_row_is_an_error(capsys):
+    with pytest.raises(SystemExit):
+        table1.main(["--rows", "AVA-q", "--datasets", "synthetic"])
+    assert "unknown rows ['AVA-q']" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_tiny_table_runs_end_to_end(tmp_path):
+    out = tmp_path / "t1.md"
+    table1.main(["--datasets", "synthetic,hh", "--rows", "BT,AVA-p", "--seeds", "0,1", "--tiny",
+                 "--low-data", "64", "--out", str(out)])
+    text = out.read_text()
+    assert "| *Bayes ceiling* |" in text and "| *heuristic: shorter wins* |" in text
+    assert text.count("| AVA-p |") == 2 and "both-EOS pairs acc" in text
+    assert np.isfinite(float(text.split("| BT | ")[1].split(" ± ")[0]))
