@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 from ava_jax.config import BUNDLED
+from ava_jax.data import gold
 from ava_jax.data import stories as st
 from ava_jax.data import synthetic as syn
 from ava_jax.models.transformer import Transformer
@@ -35,7 +36,7 @@ def prefs(cache_dir):
 
 
 def _rewards_at(pieces):
-    r = st.gold_token_rewards(pieces)
+    r = gold.gold_token_rewards(pieces)
     return {i: float(x) for i, x in enumerate(r) if x != 0}
 
 
@@ -57,11 +58,11 @@ def _rewards_at(pieces):
     ("", []),
 ])
 def test_scored_words(text, expected):
-    got = [(w.word, w.reward, w.negated) for w in st.scored_words(text)]
+    got = [(w.word, w.reward, w.negated) for w in gold.scored_words(text)]
     assert got == expected
-    assert st.gold_return(text) == sum(r for _, r, _ in expected)
-    assert [i for i, _ in st.gold_char_rewards(text)] == [w.end - 1 for w in st.scored_words(text)]
-    assert all(text[w.start:w.end].lower().replace("’", "'") == w.word for w in st.scored_words(text))
+    assert gold.gold_return(text) == sum(r for _, r, _ in expected)
+    assert [i for i, _ in gold.gold_char_rewards(text)] == [w.end - 1 for w in gold.scored_words(text)]
+    assert all(text[w.start:w.end].lower().replace("’", "'") == w.word for w in gold.scored_words(text))
 
 
 def test_reward_goes_to_the_token_completing_the_word():
@@ -73,13 +74,13 @@ def test_reward_goes_to_the_token_completing_the_word():
     assert _rewards_at([" not", " ha", "ppy"]) == {2: -1.0}
     assert _rewards_at([]) == {}
     pieces = [" Tim", " was", " not", " sc", "ared", ".", " He", " smi", "led", " and", " c", "ried", "\n"]
-    r = st.gold_token_rewards(pieces)
+    r = gold.gold_token_rewards(pieces)
     assert r.dtype == np.float64 and r.shape == (len(pieces),)
-    assert r.sum() == st.gold_return("".join(pieces)) == 0.9375 + 0.9375 - 1.0
+    assert r.sum() == gold.gold_return("".join(pieces)) == 0.9375 + 0.9375 - 1.0
 
 
 def test_lexicon_file():
-    lex = st.load_lexicon()
+    lex = gold.load_lexicon()
     assert 30 <= len(lex.weights) <= 60
     assert not lex.negations & lex.weights.keys() and {"not", "never", "didn't"} <= lex.negations
     w = np.array(list(lex.weights.values()))
@@ -91,17 +92,17 @@ def test_lexicon_errors_name_the_line(tmp_path):
     bad = tmp_path / "lex.tsv"
     bad.write_text("# comment\nword\tweight\nhappy\t1\n\nsad -1\n")
     with pytest.raises(ValueError, match="line 5 'sad -1'"):
-        st.load_lexicon(str(bad), st.NEGATIONS_PATH)
+        gold.load_lexicon(str(bad), gold.NEGATIONS_PATH)
     bad.write_text("word\tweight\nhappy\tvery\n")
     with pytest.raises(ValueError, match="line 2"):
-        st.load_lexicon(str(bad), st.NEGATIONS_PATH)
+        gold.load_lexicon(str(bad), gold.NEGATIONS_PATH)
     bad.write_text("happy\t1\n")
     with pytest.raises(ValueError, match="header"):
-        st.load_lexicon(str(bad), st.NEGATIONS_PATH)
+        gold.load_lexicon(str(bad), gold.NEGATIONS_PATH)
     clash = tmp_path / "clash.tsv"
     clash.write_text("word\tweight\nnot\t1\n")
     with pytest.raises(ValueError, match="also lexicon words"):
-        st.load_lexicon(str(clash), st.NEGATIONS_PATH)
+        gold.load_lexicon(str(clash), gold.NEGATIONS_PATH)
 
 
 # ---------------------------------------------------------------------------------------- token pieces
@@ -115,15 +116,15 @@ def test_token_pieces_join_to_decode_on_tok512(tok):
     # Random ids include byte tokens (invalid UTF-8 alone: the exact path) and special tokens.
     rows += [rng.integers(0, tok.vocab_size, n).tolist() for n in (1, 5, 40, 40, 40)]
     for ids in rows:
-        pieces = st.token_pieces(tok, ids)
+        pieces = gold.token_pieces(tok, ids)
         assert len(pieces) == len(ids) and "".join(pieces) == tok.decode(ids), ids
     ids = [tok.bos_id] + tok.encode("Tim was happy.")
-    pieces = st.token_pieces(tok, ids)
+    pieces = gold.token_pieces(tok, ids)
     assert pieces[0] == "" and not pieces[1].startswith(" ")  # llama2.c drops the dummy space after BOS
-    assert pieces == st._exact_pieces(tok, ids)  # fast path == exact path where both apply
+    assert pieces == gold._exact_pieces(tok, ids)  # fast path == exact path where both apply
     # A three-byte character over byte tokens belongs to the token that completes it.
     snow = [3 + b for b in "☃".encode()]
-    assert st.token_pieces(tok, tok.encode("a") + snow) == ["a", "", "", "☃"]
+    assert gold.token_pieces(tok, tok.encode("a") + snow) == ["a", "", "", "☃"]
 
 
 def test_token_pieces_on_a_byte_level_bpe():
@@ -131,10 +132,10 @@ def test_token_pieces_on_a_byte_level_bpe():
     rng = np.random.default_rng(1)
     for ids in [gpt2.encode("I was not happy, but then I smiled. café ☃")] + [
             rng.integers(0, gpt2.vocab_size, 30).tolist() for _ in range(3)]:
-        pieces = st.token_pieces(gpt2, ids)
+        pieces = gold.token_pieces(gpt2, ids)
         assert "".join(pieces) == gpt2.decode(ids)
-    pieces = st.token_pieces(gpt2, gpt2.encode("I was not happy, but then I smiled."))
-    assert st.gold_token_rewards(pieces).sum() == -1.0 + 0.9375
+    pieces = gold.token_pieces(gpt2, gpt2.encode("I was not happy, but then I smiled."))
+    assert gold.gold_token_rewards(pieces).sum() == -1.0 + 0.9375
 
 
 # ------------------------------------------------------------------------------------- prompts, splits
@@ -215,8 +216,8 @@ def test_layout(prefs, tok):
             text = getattr(prefs, f"{side}_text")[i]
             ids = tokens[i, mask[i]].tolist()
             assert tok.decode(ids) == prefs.prompts[i] + text
-            assert st.gold_return(text) == ret[i]
-            np.testing.assert_array_equal(st.gold_token_rewards(st.token_pieces(tok, ids)[plen[i]:]),
+            assert gold.gold_return(text) == ret[i]
+            np.testing.assert_array_equal(gold.gold_token_rewards(gold.token_pieces(tok, ids)[plen[i]:]),
                                           reward[i, plen[i]:plen[i] + h])
     np.testing.assert_array_equal(prefs.chosen_prompt_len_N, prefs.rejected_prompt_len_N)
     assert np.all(prefs.chosen_return_N != prefs.rejected_return_N), "exact ties are dropped"
@@ -285,7 +286,7 @@ def test_demonstrations():
     assert demos.tokens_NxT.shape == (n, st.PROMPT_BUCKET + h) and demos.candidate_return_NxK.shape == (n, 4)
     np.testing.assert_array_equal(demos.return_N, demos.candidate_return_NxK.max(1))
     np.testing.assert_array_equal(demos.return_N, demos.true_reward_NxT.sum(1, dtype=np.float64))
-    assert [st.gold_return(t) for t in demos.text] == demos.return_N.tolist()
+    assert [gold.gold_return(t) for t in demos.text] == demos.return_N.tolist()
     assert all(st.prompt_split(p) == "train" for p in demos.prompts)
 
 
