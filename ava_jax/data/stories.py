@@ -35,7 +35,7 @@ import numpy as np
 from ava_jax.data import splits
 from ava_jax.data.gold import (LEXICON_PATH, NEGATIONS_PATH, WORD, gold_token_rewards, load_lexicon, scored_words,
                                token_pieces_cached)
-from ava_jax.data.synthetic import bayes_optimal_accuracy, pairwise_accuracy
+from ava_jax.data.synthetic import BTPairs, bradley_terry_label, pairwise_accuracy
 
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 MODEL_DIR = os.path.join(ASSETS, "tinystories-260k")
@@ -201,26 +201,13 @@ def _take(seq: dict, rows: np.ndarray) -> dict:
 
 
 @dataclasses.dataclass(frozen=True)
-class StoriesPreferences:
+class StoriesPreferences(BTPairs):
     """Two sampled responses per prompt; chosen = the Bradley-Terry winner on the gold returns.
 
-    The array fields are those of `synthetic.SyntheticPreferences` that the pipelines read.
+    The array fields (`synthetic.BTPairs`) are those the pipelines and diagnostics read.
     """
 
     cfg: StoriesConfig
-    chosen_tokens_NxT: np.ndarray  # int32
-    chosen_mask_NxT: np.ndarray  # bool
-    chosen_prompt_len_N: np.ndarray  # int32, includes BOS
-    chosen_true_reward_NxT: np.ndarray  # float32, gold reward of the action token t
-    chosen_return_N: np.ndarray  # float64
-    rejected_tokens_NxT: np.ndarray
-    rejected_mask_NxT: np.ndarray
-    rejected_prompt_len_N: np.ndarray
-    rejected_true_reward_NxT: np.ndarray
-    rejected_return_N: np.ndarray
-    prob_chosen_N: np.ndarray  # BT P(chosen beats rejected) from the gold returns
-    first_won_N: np.ndarray  # bool: the label as sampled (did the first drawn response win)
-    prob_first_wins_N: np.ndarray
     prompts: tuple[str, ...]
     chosen_text: tuple[str, ...]  # decoded responses; prompt + text == decode(tokens)
     rejected_text: tuple[str, ...]
@@ -232,17 +219,8 @@ class StoriesPreferences:
         return self.cfg.response_len
 
     @property
-    def bayes_optimal_accuracy(self) -> float:
-        return bayes_optimal_accuracy(self.chosen_return_N, self.rejected_return_N, self.cfg.bt_temperature)
-
-    @property
-    def true_ranking_accuracy(self) -> float:
-        """Accuracy of ranking by the gold return on these sampled labels (Bayes ceiling + noise)."""
-        return pairwise_accuracy(self.chosen_return_N, self.rejected_return_N)
-
-
-def _sigmoid(x: np.ndarray) -> np.ndarray:  # tanh form: no overflow for large |x|
-    return 0.5 * (1.0 + np.tanh(0.5 * x))
+    def bt_temperature(self) -> float:
+        return self.cfg.bt_temperature
 
 
 def make_stories_preferences(cfg: StoriesConfig) -> StoriesPreferences:
@@ -270,20 +248,12 @@ def make_stories_preferences(cfg: StoriesConfig) -> StoriesPreferences:
     first, second = _take(first, rows), _take(second, rows)
 
     label_rng = np.random.default_rng([cfg.seed, cfg.data_seed, splits.SPLIT_NAMES.index(cfg.split), 1])
-    prob_first_N = _sigmoid((first["ret"] - second["ret"]) / cfg.bt_temperature)
-    first_won_N = label_rng.random(cfg.num_pairs) < prob_first_N
-    sides = {}
+    sides = bradley_terry_label(first, second, cfg.bt_temperature, label_rng)
+    first_won_N = sides["first_won_N"]
     for side, won_N in (("chosen", first_won_N), ("rejected", ~first_won_N)):
-        for field, name in (("tokens", "tokens_NxT"), ("mask", "mask_NxT"), ("prompt_len", "prompt_len_N"),
-                           ("ret", "return_N"), ("reward", "true_reward_NxT")):
-            won = won_N.reshape((-1,) + (1,) * (first[field].ndim - 1))
-            sides[f"{side}_{name}"] = np.where(won, first[field], second[field])
         sides[f"{side}_text"] = tuple(a if w else b for a, b, w in zip(first["text"], second["text"], won_N))
-    for side in ("chosen", "rejected"):
-        sides[f"{side}_true_reward_NxT"] = sides[f"{side}_true_reward_NxT"].astype(np.float32)
     return StoriesPreferences(
-        cfg=cfg, **sides, prob_chosen_N=np.where(first_won_N, prob_first_N, 1.0 - prob_first_N),
-        first_won_N=first_won_N, prob_first_wins_N=prob_first_N, prompts=tuple(first["prompt"]),
+        cfg=cfg, **sides, prompts=tuple(first["prompt"]),
         num_candidate_pairs=candidates, num_ties_dropped=candidates - cfg.num_pairs)
 
 

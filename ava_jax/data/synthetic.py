@@ -266,15 +266,22 @@ def pairwise_accuracy(score_chosen_N: np.ndarray, score_rejected_N: np.ndarray) 
     return float(np.mean((diff_N > 0) + 0.5 * (diff_N == 0)))
 
 
-@dataclasses.dataclass(frozen=True)
-class SyntheticPreferences:
-    """Preference pairs on shared prompts; chosen = the sampled Bradley-Terry winner."""
+_SIDE_FIELDS = (("tokens", "tokens_NxT"), ("mask", "mask_NxT"), ("prompt_len", "prompt_len_N"),
+                ("ret", "return_N"), ("reward", "true_reward_NxT"))
 
-    task: SyntheticTask
+
+@dataclasses.dataclass(frozen=True)
+class BTPairs:
+    """Two responses per prompt with known per-token rewards; chosen = the sampled Bradley-Terry winner.
+
+    The fields every ground-truth task shares (synthetic, stories): the pipelines and diagnostics read
+    only these. Subclasses say which Bradley-Terry temperature labelled them.
+    """
+
     chosen_tokens_NxT: np.ndarray  # int32
     chosen_mask_NxT: np.ndarray  # bool
     chosen_prompt_len_N: np.ndarray  # int32, includes BOS
-    chosen_true_reward_NxT: np.ndarray  # float32
+    chosen_true_reward_NxT: np.ndarray  # float32, the reward of the action token t
     chosen_return_N: np.ndarray  # float64
     rejected_tokens_NxT: np.ndarray
     rejected_mask_NxT: np.ndarray
@@ -284,17 +291,54 @@ class SyntheticPreferences:
     prob_chosen_N: np.ndarray  # BT P(chosen beats rejected) from the true returns
     first_won_N: np.ndarray  # bool: the label as sampled (did the first drawn response win)
     prob_first_wins_N: np.ndarray  # BT P(first drawn response wins)
-    target_N: np.ndarray  # int32 token id
+
+    @property
+    def bt_temperature(self) -> float:
+        raise NotImplementedError
 
     @property
     def bayes_optimal_accuracy(self) -> float:
-        return bayes_optimal_accuracy(self.chosen_return_N, self.rejected_return_N,
-                                      self.task.cfg.bt_temperature)
+        return bayes_optimal_accuracy(self.chosen_return_N, self.rejected_return_N, self.bt_temperature)
 
     @property
     def true_ranking_accuracy(self) -> float:
         """Accuracy of ranking by the true return on these sampled labels (Bayes ceiling + noise)."""
         return pairwise_accuracy(self.chosen_return_N, self.rejected_return_N)
+
+
+def bradley_terry_label(first: dict, second: dict, bt_temperature: float, rng: np.random.Generator) -> dict:
+    """Labels pairs (row i of `first` against row i of `second`) by Bradley-Terry on their true returns.
+
+    Args:
+      first, second: dicts of [N, ...] arrays "tokens", "mask", "prompt_len", "ret", "reward".
+      bt_temperature: P(first wins) = sigmoid((R_first - R_second) / bt_temperature).
+      rng: draws the labels (one uniform per pair).
+
+    Returns:
+      The `BTPairs` fields as keyword arguments (chosen = the drawn winner).
+    """
+    prob_first_N = _sigmoid((first["ret"] - second["ret"]) / bt_temperature)
+    first_won_N = rng.random(prob_first_N.shape[0]) < prob_first_N
+    out = {}
+    for side, won_N in (("chosen", first_won_N), ("rejected", ~first_won_N)):
+        for key, name in _SIDE_FIELDS:
+            won = won_N.reshape((-1,) + (1,) * (first[key].ndim - 1))
+            out[f"{side}_{name}"] = np.where(won, first[key], second[key])
+        out[f"{side}_true_reward_NxT"] = out[f"{side}_true_reward_NxT"].astype(np.float32)
+    return dict(out, prob_chosen_N=np.where(first_won_N, prob_first_N, 1.0 - prob_first_N),
+                first_won_N=first_won_N, prob_first_wins_N=prob_first_N)
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticPreferences(BTPairs):
+    """Preference pairs on shared prompts of the synthetic task."""
+
+    task: SyntheticTask
+    target_N: np.ndarray  # int32 token id
+
+    @property
+    def bt_temperature(self) -> float:
+        return self.task.cfg.bt_temperature
 
 
 def make_preference_dataset(cfg: SyntheticConfig) -> SyntheticPreferences:
@@ -309,21 +353,8 @@ def make_preference_dataset(cfg: SyntheticConfig) -> SyntheticPreferences:
     seqs = [_assemble(task, content_NxP, plen_N,
                       sample_responses(rng, logpi_ref_HxGxKxK, target_N, prev_N, cfg.ref_uniform_mix)[0])
             for _ in range(2)]
-    prob_first_N = _sigmoid((seqs[0]["ret"] - seqs[1]["ret"]) / cfg.bt_temperature)
-    first_won_N = rng.random(cfg.num_examples) < prob_first_N
-
-    seqs[0]["reward"], seqs[1]["reward"] = (x["reward"].astype(np.float32) for x in seqs)
-    sides = {}
-    for side, won_N in (("chosen", first_won_N), ("rejected", ~first_won_N)):
-        for key, name in (("tokens", "tokens_NxT"), ("mask", "mask_NxT"), ("prompt_len", "prompt_len_N"),
-                          ("ret", "return_N"), ("reward", "true_reward_NxT")):
-            won = won_N.reshape((-1,) + (1,) * (seqs[0][key].ndim - 1))
-            sides[f"{side}_{name}"] = np.where(won, seqs[0][key], seqs[1][key])
-    return SyntheticPreferences(
-        task=task, **sides,
-        prob_chosen_N=np.where(first_won_N, prob_first_N, 1.0 - prob_first_N),
-        first_won_N=first_won_N, prob_first_wins_N=prob_first_N,
-        target_N=(target_N + FIRST_CONTENT_ID).astype(np.int32))
+    return SyntheticPreferences(task=task, **bradley_terry_label(seqs[0], seqs[1], cfg.bt_temperature, rng),
+                                target_N=(target_N + FIRST_CONTENT_ID).astype(np.int32))
 
 
 @dataclasses.dataclass(frozen=True)
