@@ -150,7 +150,7 @@ def reward_model_config(objective: str, variant: str | None) -> ml_collections.C
     c.loss = ml_collections.ConfigDict(dict(
         gamma=1.0, lam=1.0, beta=1.0, likelihood="boltzmann", cer="sigmoid", include_prompt=False,
         use_neg=True, use_irl=True, use_cer=True, neg_floor=ml_collections.config_dict.placeholder(float),
-        cer_weight=1.0, normalize="token", td_terminal="none"))
+        cer_weight=1.0, normalize="token", td_terminal="none", cer_score="last"))
     c.data = ml_collections.ConfigDict(dict(
         format="hh", path="", tfds_dir="", max_len=256, pad_to_multiple=64, on_bad_row="skip",
         max_bad_fraction=0.01, check_roundtrip=True, max_train_pairs=0, max_validation_pairs=0,

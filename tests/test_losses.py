@@ -89,7 +89,10 @@ def np_ava_p(chosen, rejected, cfg):
         if cfg.use_irl:
             f += np_irl(rc, cfg) + np_irl(rr, cfg)
         if rc and rr:
-            d = rc[-1]["mu"] - rr[-1]["mu"]
+            if cfg.cer_score == "sum":
+                d = sum(x["mu"] for x in rc) - sum(x["mu"] for x in rr)
+            else:
+                d = rc[-1]["mu"] - rr[-1]["mu"]
             cer = 1 / (1 + math.exp(-d)) if cfg.cer == "sigmoid" else -math.log1p(math.exp(-d))
             f += cfg.cer_weight * cer if cfg.use_cer else 0.0
             out["cer"] += cer
@@ -135,7 +138,8 @@ P_VARIANTS = D_VARIANTS + [dict(cer="logsigmoid"), dict(use_neg=False), dict(use
                            dict(neg_floor=-2.0),
                            dict(likelihood="raw_q", reward_align="state", include_prompt=True,
                                 cer="logsigmoid", neg_floor=-1.0),
-                           dict(normalize="sequence", cer="logsigmoid", neg_floor=-2.0, td_terminal="zero")]
+                           dict(normalize="sequence", cer="logsigmoid", neg_floor=-2.0, td_terminal="zero"),
+                           dict(cer_score="sum"), dict(cer_score="sum", normalize="sequence", cer="logsigmoid")]
 
 
 def close(actual, expected):

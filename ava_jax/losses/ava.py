@@ -43,6 +43,13 @@ def _row_parts(terms: dict, cfg: LossConfig, lik_BxN=None) -> dict:
     return {"lik": lik_B, "kl": kl_B, "td": td_B}
 
 
+def _cer_score(terms: dict, cfg: LossConfig):
+    """The return CER compares: mu_last ("last", as printed) or the sum of mu_t over counted transitions."""
+    if cfg.cer_score == "sum":
+        return jnp.sum(jnp.where(terms["mask_BxN"], terms["mu_BxN"], 0.0), axis=1)
+    return terms["mu_last_B"]
+
+
 def _shares(parts: dict) -> dict:
     """Each part's share of the objective's absolute mass in this batch: |part| / sum |parts|.
 
@@ -128,7 +135,7 @@ def ava_p_from_terms(chosen: dict, rejected: dict, cfg: LossConfig):
 
     method.md section 2:
       F_p = sum_t lik_t(y+) - sum_t lik_t(y-) + sum_{y in {y+, y-}} sum_t ( -kl_t + lambda * td_t )
-      F_c = sum_pairs cer( mu_last(y+) - mu_last(y-) )
+      F_c = sum_pairs cer( mu_last(y+) - mu_last(y-) )   (cer_score="sum": sum_t mu_t instead of mu_last)
     normalize="token": sums over the batch, normaliser = counted transitions of y+ plus those
     of y-. normalize="sequence": each side's token terms are averaged over that side, CER is
     counted once per pair, normaliser = the number of pairs (see LossConfig.normalize).
@@ -154,8 +161,8 @@ def ava_p_from_terms(chosen: dict, rejected: dict, cfg: LossConfig):
 
     Returns:
       (loss, metrics): metrics has (sum, count) pairs "loss", "lik_chosen", "lik_rejected", "kl",
-      "td", "cer" (per-token / per-pair means of the raw terms), "accuracy" (mu_last(y+) >
-      mu_last(y-)), "margin" (mu_last(y+) - mu_last(y-)), "part_<term>" (each term's signed
+      "td", "cer" (per-token / per-pair means of the raw terms), "accuracy" (score(y+) >
+      score(y-)), "margin" (score(y+) - score(y-), the scores CER compares), "part_<term>" (each term's signed
       contribution to the maximised objective, over the loss's normaliser) and "share_<term>"
       (|part| / sum |parts| in the batch).
     """
@@ -180,7 +187,7 @@ def ava_p_from_terms(chosen: dict, rejected: dict, cfg: LossConfig):
     else:
         norm = count
 
-    margin_B = jnp.where(pair_B, chosen["mu_last_B"] - rejected["mu_last_B"], 0.0)
+    margin_B = jnp.where(pair_B, _cer_score(chosen, cfg) - _cer_score(rejected, cfg), 0.0)
     cer_B = jnp.where(pair_B, contrastive_expected_return(margin_B, cfg.cer), 0.0)
 
     # Each part is a signed contribution to F (maximised); the loss is -sum(parts) / norm.

@@ -16,6 +16,7 @@ CERS = ("sigmoid", "logsigmoid")
 REWARD_ALIGNS = ("next", "state")
 NORMALIZES = ("token", "sequence")
 TD_TERMINALS = ("none", "zero")
+CER_SCORES = ("last", "sum")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +52,10 @@ class LossConfig:
         "none" (default, as printed): no TD term there, so mu_last (the score) is trained only by
         the KL pull, CER and extrapolation. "zero": a terminal-state convention, V = 0 after the
         final token, so delta_last = Q_a(last) and the scored position gets a TD target.
+      cer_score: which return the contrastive expected return compares. "last" (as printed):
+        mu_last, the reward mean of the last transition. "sum": sum_t mu_t over the counted
+        transitions, the sequence's expected return under the per-token reward model (what PT
+        scores, and `eval.score="sum"` reads).
     """
 
     objective: str = "ava_p"
@@ -68,11 +73,13 @@ class LossConfig:
     cer_weight: float = 1.0
     normalize: str = "token"
     td_terminal: str = "none"
+    cer_score: str = "last"
 
     def __post_init__(self):
         for name, allowed in (("objective", OBJECTIVES), ("likelihood", LIKELIHOODS),
                               ("cer", CERS), ("reward_align", REWARD_ALIGNS),
-                              ("normalize", NORMALIZES), ("td_terminal", TD_TERMINALS)):
+                              ("normalize", NORMALIZES), ("td_terminal", TD_TERMINALS),
+                              ("cer_score", CER_SCORES)):
             value = getattr(self, name)
             if value not in allowed:
                 raise ValueError(f"LossConfig.{name} must be one of {allowed}, got {value!r}")

@@ -42,6 +42,7 @@ class Row:
 
 
 _SEQ = (("loss.normalize", "sequence"), ("loss.td_terminal", "zero"), ("loss.cer", "logsigmoid"))
+_SUM = (("loss.cer_score", "sum"), ("eval.score", "sum"))
 ROWS = (
     Row("BT", "bt"),
     Row("PT", "pt"),
@@ -61,6 +62,10 @@ ROWS = (
     Row("AVA-p (sigma_init=4)", "ava_p", (("model.sigma_init", 4.0),)),
     Row("AVA-p (neg_floor=-5)", "ava_p", (("loss.neg_floor", -5.0),)),
     Row("AVA-p (sequence+terminal+logsigmoid)", "ava_p", _SEQ),
+    Row("AVA-p (eval.score=sum)", "ava_p", (("eval.score", "sum"),)),
+    Row("AVA-p (cer_score=sum, eval.score=sum)", "ava_p", _SUM),
+    Row("AVA-p (cer_score=sum, eval.score=sum, sequence, logsigmoid)", "ava_p",
+        _SUM + (("loss.normalize", "sequence"), ("loss.cer", "logsigmoid"))),
     Row("AVA-d", "ava_d"),
     Row("AVA-d (sequence+terminal)", "ava_d", _SEQ[:2]),
 )
