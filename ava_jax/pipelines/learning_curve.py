@@ -27,6 +27,7 @@ import numpy as np
 
 from ava_jax.config import reward_model_config
 from ava_jax.eval.references import bigram_logistic_regression
+from ava_jax.losses.config import OBJECTIVES
 from ava_jax.pipelines import reward_model
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ def run_config(objective: str, size: int, seed: int, *, variant: str = "syntheti
     """The reward-model config of one point of the curve.
 
     Args:
-      objective: one of reward_model.OBJECTIVES.
+      objective: one of OBJECTIVES.
       size: training pairs (data.synthetic.num_examples).
       seed: config.seed.
       variant: "synthetic" or "synthetic_tiny".
@@ -133,9 +134,9 @@ def run_learning_curve(sizes=DEFAULT_SIZES, seeds=(0, 1, 2), objectives=DEFAULT_
       "steps": {size: train steps}, "wall_s": {objective: {size: [per seed]}}, plus the settings.
     """
     sizes, seeds, objectives = tuple(int(s) for s in sizes), tuple(int(s) for s in seeds), tuple(objectives)
-    bad = [o for o in objectives if o not in reward_model.OBJECTIVES]
+    bad = [o for o in objectives if o not in OBJECTIVES]
     if bad:
-        raise ValueError(f"objectives {bad} are not in {reward_model.OBJECTIVES}")
+        raise ValueError(f"objectives {bad} are not in {OBJECTIVES}")
     overrides = tuple(overrides)
     t0 = time.perf_counter()
     acc = {o: {str(n): [] for n in sizes} for o in objectives}

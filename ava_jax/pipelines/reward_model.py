@@ -18,8 +18,8 @@ from flax import nnx
 
 from ava_jax import config as cfglib
 from ava_jax import sharding as shd
-from ava_jax.data import (HH_HARMLESS_BASE_TEST, SPLIT_BY, PairArrays, SeqArrays, make_dataset, make_iterator,
-                          read_preferences, split_preferences, tokenize_pairs)
+from ava_jax.data import (HH_HARMLESS_BASE_TEST, SPLIT_BY, make_dataset, make_iterator, read_preferences,
+                          split_preferences, tokenize_pairs)
 from ava_jax.data import synthetic as syn
 from ava_jax.data.ground_truth import pair_arrays
 from ava_jax.data.splits import DEFAULT_FRACTIONS
@@ -28,7 +28,6 @@ from ava_jax.errors import ConfigError, DataError
 from ava_jax.eval.calibration import calibration_metrics, plot_reliability, preference_probability, reliability_bins
 from ava_jax.eval.ground_truth import ground_truth_diagnostics
 from ava_jax.eval.reward import make_pair_scorer, pair_scores, pairwise_metrics
-from ava_jax.losses.config import OBJECTIVES  # noqa: F401  the objectives this pipeline trains
 from ava_jax.models import TQR, param_count
 from ava_jax.objectives import make_loss_fn, make_score_fn
 from ava_jax.train.checkpoint import RunCheckpointer
