@@ -223,7 +223,7 @@ def format_table(cells, refs, seeds, command: str, wall_s: float, low_data: int)
               "hh": "Anthropic HH-RLHF harmless-base (bundled split), pretrained TinyStories-260K"}
     for ds, rows in cells.items():
         gt = ds in GROUND_TRUTH
-        head = ["method", "test acc", "val acc", f"test acc, {low_data} pairs"]
+        head = ["method", "test acc", "val acc"] + ([f"test acc, {low_data} pairs"] if low_data else [])
         head += ["prefix-pair acc", "Spearman(mu, r*)"] if gt else ["both-EOS pairs acc"]
         head += ["ECE", "LM log-lik chosen"]
         if ds == "hh":
@@ -232,8 +232,9 @@ def format_table(cells, refs, seeds, command: str, wall_s: float, low_data: int)
         for name, value in refs[ds].items():
             out.append(f"| *{name}* | {100 * value:.2f} |" + " |" * (len(head) - 2))
         for name, cs in rows.items():
-            line = [name, _ms([c.test for c in cs]), _ms([c.validation for c in cs]),
-                    _ms([c.low_data_test for c in cs])]
+            line = [name, _ms([c.test for c in cs]), _ms([c.validation for c in cs])]
+            if low_data:
+                line.append(_ms([c.low_data_test for c in cs]))
             if gt:
                 line += [_ms([c.extra.get("test_prefix_accuracy", np.nan) for c in cs]),
                          _ms([c.extra.get("test_reward_spearman", np.nan) for c in cs], scale=1.0, digits=3)]
