@@ -20,6 +20,7 @@ import datetime
 import json
 import logging
 import platform
+import shlex
 import time
 
 import ml_collections
@@ -319,7 +320,7 @@ def main(argv=None):
         overrides[ds][key] = _parse_value(value)
     t0 = time.perf_counter()
     cells, refs = run_table(datasets, seeds, rows, overrides, tiny=args.tiny, low_data=args.low_data)
-    text = format_table(cells, refs, seeds, "python launch/table1.py " + " ".join(sys.argv[1:] if argv is None else argv),
+    text = format_table(cells, refs, seeds, "python launch/table1.py " + shlex.join(sys.argv[1:] if argv is None else argv),
                         time.perf_counter() - t0, args.low_data)
     print(text)
     if args.out:
