@@ -9,6 +9,7 @@ nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 
 
+@pytest.mark.slow
 def test_reward_modeling_notebook(tmp_path, monkeypatch):
     monkeypatch.setenv("AVA_NB_STEPS", "12")
     path = os.path.join(REPO, "notebooks", "reward_modeling.ipynb")

@@ -75,6 +75,7 @@ def _write_jsonl(path, rows):
             f.write(json.dumps(r) + "\n")
 
 
+@pytest.mark.slow
 def test_any_jsonl_file_trains(tmp_path):
     splits, _ = split_hh()
     # Rows from every bundled split: the file is split again by prompt hash, which would put rows of
@@ -155,6 +156,7 @@ def _reward_head_grad_norm(model, cfg, batch, part):
     return float(jnp.sqrt(sum(jnp.sum(g * g) for g in jax.tree.leaves(grads))))
 
 
+@pytest.mark.slow
 def test_sequence_normalisation_gives_cer_a_say_on_the_reward_head():
     """On the pretrained backbone and ~60-token stories, CER's gradient on the reward head is >500x
     smaller than TD's per token ("token", logsigmoid CER); "sequence" brings it within 30x, and

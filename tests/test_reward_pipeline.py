@@ -70,6 +70,7 @@ def _losses(workdir):
     return by_step
 
 
+@pytest.mark.slow
 def test_kill_and_resume_matches_uninterrupted(tmp_path):
     steps = 30
     full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
