@@ -49,7 +49,7 @@ class RewardModelResult:
     params: object = dataclasses.field(default=None, repr=False)
     splits: dict = dataclasses.field(default=None, repr=False)  # the tokenised data, for notebooks
     scores: dict = dataclasses.field(default=None, repr=False)  # split -> per-pair scores (eval.reward.pair_scores)
-    eos_id: int | None = None  # the tokenizer's EOS id (None without a tokenizer)
+    eos_id: int | None = None  # the tokenizer's EOS id (the synthetic task's EOS without a tokenizer)
 
 
 def prepare_data(c: ml_collections.ConfigDict, tokenizer):
