@@ -31,6 +31,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict(dict(
         path="bundled:tinystories-260k",  # HF dir, llama2.c .bin (or its dir), .gguf file, or bundled:NAME
         dtype="float32", param_dtype="float32", remat=False,
+        attention="auto",  # auto | xla | blocked (ava_jax.models.attention)
         q_param="lm_logprobs", alpha=1.0, sigma_transform="softplus", reward_weighting="attention",
         weight_norm="mean", weight_heads="both", sigma_init=ml_collections.config_dict.placeholder(float),
         reward_align="next",
@@ -86,11 +87,11 @@ def mesh_config(m: ml_collections.ConfigDict) -> MeshConfig:
 
 
 def scratch_model_config(s: ml_collections.ConfigDict, *, vocab_size: int | None, dtype: str, param_dtype: str,
-                         remat: bool) -> ModelConfig:
+                         remat: bool, attention: str = "auto") -> ModelConfig:
     """The backbone for `model.path="scratch"` (e.g. the synthetic task), shaped by `model.scratch`."""
     return ModelConfig(arch=s.arch, vocab_size=vocab_size or s.vocab_size, d_model=s.d_model, n_layers=s.n_layers,
                        n_heads=s.n_heads, n_kv_heads=s.n_kv_heads, d_ff=s.d_ff, max_seq_len=s.max_seq_len,
-                       dtype=dtype, param_dtype=param_dtype, remat=remat)
+                       dtype=dtype, param_dtype=param_dtype, remat=remat, attention=attention)
 
 
 def loss_config(c: ml_collections.ConfigDict) -> LossConfig:

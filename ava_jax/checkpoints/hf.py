@@ -247,7 +247,7 @@ def rope_from_hf(hf: Mapping, where: str) -> RopeConfig:
 
 
 def config_from_hf(hf: Mapping, where: str = "config.json", **overrides) -> ModelConfig:
-    """ModelConfig from a Hugging Face config.json dict (`overrides` set dtype, param_dtype, remat)."""
+    """ModelConfig from a Hugging Face config.json dict (`overrides` set dtype, param_dtype, remat, attention)."""
     mt = hf.get("model_type")
     if mt not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"{where}: model_type {mt!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")

@@ -112,7 +112,8 @@ def _load_tokenizer(path: Path | None):
 
 
 def load_pretrained(path: str | os.PathLike, *, heads: HeadConfig | None = None, dtype: str = "float32",
-                    param_dtype: str = "float32", remat: bool = False, rngs_seed: int = 0):
+                    param_dtype: str = "float32", remat: bool = False, attention: str = "auto",
+                    rngs_seed: int = 0):
     """Loads a pretrained backbone into a TQR model.
 
     Args:
@@ -122,6 +123,7 @@ def load_pretrained(path: str | os.PathLike, *, heads: HeadConfig | None = None,
         llama-architecture `.gguf` file.
       heads: TQR head options (default HeadConfig()); heads are freshly initialised.
       dtype: compute dtype. param_dtype: parameter dtype. remat: rematerialise blocks in backward.
+        attention: the attention kernel (`ModelConfig.attention`).
       rngs_seed: seed of `nnx.Rngs` for the heads.
 
     Returns:
@@ -133,7 +135,7 @@ def load_pretrained(path: str | os.PathLike, *, heads: HeadConfig | None = None,
         not fit the config (the message names the tensor, both shapes and the file).
     """
     kind, where, tok_path = _resolve(Path(path))
-    overrides = dict(dtype=dtype, param_dtype=param_dtype, remat=remat)
+    overrides = dict(dtype=dtype, param_dtype=param_dtype, remat=remat, attention=attention)
     opener = {"hf": hf.open_dir, "llama2c": llama2c.open_file, "gguf": gguf.open_file}[kind]
     cfg, source = opener(where, **overrides)
     if kind == "gguf" and not source.has_tokenizer:

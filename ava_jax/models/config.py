@@ -7,6 +7,7 @@ from typing import Literal
 import jax.numpy as jnp
 
 ARCHS = ("gpt2", "llama")
+ATTENTION_IMPLS = ("auto", "xla", "blocked")
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
@@ -56,6 +57,9 @@ class ModelConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: bool = False  # rematerialise each block in the backward pass
+    # "auto": the query-blocked causal kernel on CPU, XLA's dot_product_attention elsewhere and with
+    # a KV cache; "xla" / "blocked" force one (ava_jax.models.attention).
+    attention: str = "auto"
     init_std: float = 0.02
 
     def __post_init__(self):
@@ -65,6 +69,8 @@ class ModelConfig:
             raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
         if self.arch == "llama" and self.rope is None:
             object.__setattr__(self, "rope", RopeConfig())
+        if self.attention not in ATTENTION_IMPLS:
+            raise ValueError(f"model.attention={self.attention!r}; expected one of {ATTENTION_IMPLS}")
         if self.head_dim is None:
             object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
 

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ava_jax.models import attention as attn_lib
 from ava_jax.models.config import ModelConfig
 from ava_jax.models.rope import apply_rope, inv_frequencies
 
@@ -95,7 +96,8 @@ class Attention(nnx.Module):
             # A tuple, not an array: it is static graph data and must hash by value for jit caching.
             self.inv_freq = tuple(float(f) for f in inv_freq)
 
-    def __call__(self, x_BxTxD, pos_BxT, mask_BxTxS, layer_cache=None, index=None):
+    def __call__(self, x_BxTxD, pos_BxT, mask, layer_cache=None, index=None):
+        """`mask` is the [B, T, S] boolean mask (XLA path) or the [B, T] key-valid mask (blocked path)."""
         cfg, dt = self.cfg, self.cfg.jnp_dtype
 
         def proj(w, b):
@@ -115,10 +117,13 @@ class Attention(nnx.Module):
             layer_cache = (k_BxSxKxH, v_BxSxKxH)
         else:
             k_BxSxKxH, v_BxSxKxH = k_BxTxKxH, v_BxTxKxH
-        # XLA's fused attention handles grouped-query heads (K divides N) without repeating K/V.
-        out_BxTxNxH = jax.nn.dot_product_attention(
-            q_BxTxNxH, k_BxSxKxH.astype(dt), v_BxSxKxH.astype(dt), mask=mask_BxTxS[:, None],
-            scale=1.0 / (cfg.head_dim ** 0.5))
+        scale = 1.0 / (cfg.head_dim ** 0.5)
+        if mask.ndim == 2:
+            out_BxTxNxH = attn_lib.blocked_causal_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask, scale)
+        else:
+            # XLA's fused attention handles grouped-query heads (K divides N) without repeating K/V.
+            out_BxTxNxH = jax.nn.dot_product_attention(
+                q_BxTxNxH, k_BxSxKxH.astype(dt), v_BxSxKxH.astype(dt), mask=mask[:, None], scale=scale)
         y = jnp.einsum("btnh,nhd->btd", out_BxTxNxH, self.wo[...].astype(dt))
         if self.bo is not None:
             y = y + self.bo[...].astype(dt)
@@ -153,8 +158,8 @@ class Block(nnx.Module):
         self.ln_mlp = Norm(cfg)
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x_BxTxD, pos_BxT, mask_BxTxS, layer_cache=None, index=None):
-        a, layer_cache = self.attn(self.ln_attn(x_BxTxD), pos_BxT, mask_BxTxS, layer_cache, index)
+    def __call__(self, x_BxTxD, pos_BxT, mask, layer_cache=None, index=None):
+        a, layer_cache = self.attn(self.ln_attn(x_BxTxD), pos_BxT, mask, layer_cache, index)
         x_BxTxD = x_BxTxD + a
         return x_BxTxD + self.mlp(self.ln_mlp(x_BxTxD)), layer_cache
 
@@ -205,10 +210,13 @@ class Transformer(nnx.Module):
             query_slot_T = index + jnp.arange(T)
             key_slot_S = jnp.arange(cache.valid_BxS.shape[1])
             key_valid_BxS = jax.lax.dynamic_update_slice_in_dim(cache.valid_BxS, mask_BxT, index, axis=1)
-        causal_TxS = key_slot_S[None, :] <= query_slot_T[:, None]
-        # A padding query still sees itself, so no softmax row is empty (its output is never used).
-        own_TxS = key_slot_S[None, :] == query_slot_T[:, None]
-        mask_BxTxS = causal_TxS[None] & (key_valid_BxS[:, None, :] | own_TxS[None])
+        if attn_lib.resolve(cfg.attention, cached=cache is not None) == "blocked":
+            mask = key_valid_BxS  # the blocked kernel builds each block's causal mask itself
+        else:
+            causal_TxS = key_slot_S[None, :] <= query_slot_T[:, None]
+            # A padding query still sees itself, so no softmax row is empty (its output is never used).
+            own_TxS = key_slot_S[None, :] == query_slot_T[:, None]
+            mask = causal_TxS[None] & (key_valid_BxS[:, None, :] | own_TxS[None])
         if self.pos_embed is not None:
             x_BxTxD = x_BxTxD + jnp.take(self.pos_embed[...], pos_BxT, axis=0).astype(cfg.jnp_dtype)
 
@@ -216,7 +224,7 @@ class Transformer(nnx.Module):
         new_k, new_v = [], []
         for i, block in enumerate(self.blocks):
             layer_cache = None if cache is None else (cache.k[i], cache.v[i])
-            x_BxTxD, layer_cache = run(block, x_BxTxD, pos_BxT, mask_BxTxS, layer_cache, index)
+            x_BxTxD, layer_cache = run(block, x_BxTxD, pos_BxT, mask, layer_cache, index)
             if cache is not None:
                 new_k.append(layer_cache[0])
                 new_v.append(layer_cache[1])

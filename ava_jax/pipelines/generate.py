@@ -25,7 +25,7 @@ def run(config: ml_collections.ConfigDict) -> list[str]:
     path = cfglib.resolve_path(config.model.path)
     m = config.model
     model, tokenizer = load_pretrained(path, heads=cfglib.head_config(m), dtype=m.dtype,
-                                       param_dtype=m.param_dtype, remat=m.remat)
+                                       param_dtype=m.param_dtype, remat=m.remat, attention=m.attention)
     if tokenizer is None:
         raise ConfigError(f"model.path={config.model.path!r} has no tokenizer files; the generate pipeline "
                          "needs one to encode prompts and decode samples")

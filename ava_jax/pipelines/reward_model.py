@@ -178,11 +178,13 @@ def build_model(c: ml_collections.ConfigDict, vocab_size: int | None = None):
     if c.model.path == "scratch":
         s = c.model.scratch
         mcfg = cfglib.scratch_model_config(s, vocab_size=vocab_size, dtype=c.model.dtype,
-                                           param_dtype=c.model.param_dtype, remat=c.model.remat)
+                                           param_dtype=c.model.param_dtype, remat=c.model.remat,
+                                           attention=c.model.attention)
         return TQR(mcfg, heads, rngs=nnx.Rngs(c.seed)), None
     from ava_jax.checkpoints.load import load_pretrained
     return load_pretrained(cfglib.resolve_path(c.model.path), heads=heads, dtype=c.model.dtype,
-                           param_dtype=c.model.param_dtype, remat=c.model.remat, rngs_seed=c.seed)
+                           param_dtype=c.model.param_dtype, remat=c.model.remat, attention=c.model.attention,
+                           rngs_seed=c.seed)
 
 
 def make_optimizer(t: ml_collections.ConfigDict) -> optax.GradientTransformation:
