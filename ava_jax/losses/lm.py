@@ -19,7 +19,12 @@ def lm_loss(logits_BxTxV: jax.Array, tokens_BxT: jax.Array, loss_mask_BxT: jax.A
     Returns:
       (loss, metrics) with metrics["loss"] = (sum of NLL, number of target tokens).
     """
-    logp_BxT1 = token_logprobs(logits_BxTxV, tokens_BxT)
+    return masked_nll(token_logprobs(logits_BxTxV, tokens_BxT), loss_mask_BxT)
+
+
+def masked_nll(logp_BxT1: jax.Array, loss_mask_BxT: jax.Array):
+    """(loss, metrics) of next-token log-probs [B, T-1] (from `token_logprobs` or the chunked
+    `Transformer.token_logprobs`) where `loss_mask` [B, T] is 1; the first token is never a target."""
     m_BxT1 = loss_mask_BxT[:, 1:].astype(bool)
     nll_sum = -jnp.sum(jnp.where(m_BxT1, logp_BxT1, 0.0))
     count = jnp.sum(m_BxT1).astype(jnp.float32)

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ava_jax.losses.vocab import DEFAULT_CHUNK, chunked_token_logprobs
 from ava_jax.models import attention as attn_lib
 from ava_jax.models.config import ModelConfig
 from ava_jax.models.rope import apply_rope, inv_frequencies
@@ -43,7 +44,7 @@ class KVCache:
 @flax.struct.dataclass
 class BackboneOutput:
     hidden: jax.Array  # [B, T, D], after the final norm
-    logits: jax.Array  # [B, T, V], float32
+    logits: jax.Array | None  # [B, T, V], float32 (None when called with logits=False)
     cache: KVCache | None = None
 
 
@@ -182,7 +183,8 @@ class Transformer(nnx.Module):
     def embed_tokens(self, tokens_BxT):
         return jnp.take(self.embed[...], tokens_BxT, axis=0).astype(self.cfg.jnp_dtype)
 
-    def __call__(self, tokens_BxT=None, mask_BxT=None, *, embeds_BxTxD=None, cache: KVCache | None = None):
+    def __call__(self, tokens_BxT=None, mask_BxT=None, *, embeds_BxTxD=None, cache: KVCache | None = None,
+                 logits: bool = True):
         """Runs the backbone.
 
         Args:
@@ -190,6 +192,8 @@ class Transformer(nnx.Module):
           mask_BxT: 1 for real tokens, 0 for padding; default all ones. Padding may be on either side.
           embeds_BxTxD: input embeddings instead of tokens.
           cache: a KVCache; the new tokens are written at `cache.index` and attend to every valid slot.
+          logits: False skips the LM head (use `token_logprobs` on the hidden states instead, which
+            never materialises [B, T, V]).
 
         Returns:
           BackboneOutput(hidden [B,T,D], logits [B,T,V] float32, cache).
@@ -229,7 +233,7 @@ class Transformer(nnx.Module):
                 new_k.append(layer_cache[0])
                 new_v.append(layer_cache[1])
         h_BxTxD = self.ln_final(x_BxTxD)
-        logits_BxTxV = self.logits(h_BxTxD)
+        logits_BxTxV = self.logits(h_BxTxD) if logits else None
         if cache is not None:
             cache = KVCache(k=tuple(new_k), v=tuple(new_v), valid_BxS=key_valid_BxS,
                             next_pos_B=cache.next_pos_B + mask_BxT.sum(axis=1, dtype=jnp.int32),
@@ -243,6 +247,20 @@ class Transformer(nnx.Module):
         else:
             out = h_BxTxD.astype(dt) @ self.lm_head[...].astype(dt)
         return out.astype(jnp.float32)
+
+
+    def token_logprobs(self, h_BxTxD, tokens_BxT, chunk: int = DEFAULT_CHUNK):
+        """log p(y_{t+1} | y_<=t) for t = 0..T-2, [B, T-1] float32, in vocabulary chunks.
+
+        Equal to `losses.lm.token_logprobs(self.logits(h), tokens)` without the [B, T, V] logits.
+        """
+        dt = self.cfg.jnp_dtype
+        if self.lm_head is None:
+            w, vocab_major = self.embed[...], True
+        else:
+            w, vocab_major = self.lm_head[...], False
+        return chunked_token_logprobs(h_BxTxD[:, :-1].astype(dt), w.astype(dt), tokens_BxT[:, 1:],
+                                      vocab_major=vocab_major, chunk=chunk)
 
 
 def param_count(model: nnx.Module) -> int:
