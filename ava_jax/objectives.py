@@ -10,8 +10,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ava_jax.losses import (AvrilInputs, LossConfig, ava_d_loss, ava_p_loss, avril_terms, bradley_terry_loss,
-                            gather_last, preference_transformer_loss, transition_masks)
+from ava_jax.losses import (AvrilInputs, LossConfig, QSummary, ava_d_loss, ava_p_loss, avril_terms,
+                            bradley_terry_loss, gather_last, preference_transformer_loss, transition_masks)
 from ava_jax.losses.lm import token_logprobs
 from ava_jax.models.positions import token_positions
 from ava_jax.models.tqr import TQROutput
@@ -32,9 +32,22 @@ def forward_pair(model, batch):
     return _split(model(tokens, mask), c["tokens_BxT"].shape[0])
 
 
-def avril_inputs(out: TQROutput, side) -> AvrilInputs:
+def _chunked(model, vocab_chunks: bool) -> bool:
+    """Whether the AVA terms read Q per transition in vocabulary chunks (TQR.q_summary)."""
+    return vocab_chunks and model.heads.q_param == "lm_logprobs"
+
+
+def forward_summary(model, tokens_BxT, mask_BxT, beta: float):
+    """The model without its [B, T, V] outputs, plus (QSummary, lm_logp_BxN) from `TQR.q_summary`."""
+    out = model(tokens_BxT, mask_BxT, vocab=False)
+    q_a, beta_lse, lm_logp = model.q_summary(out, tokens_BxT, beta)
+    return out, QSummary(q_a, beta_lse), lm_logp
+
+
+def avril_inputs(out: TQROutput, side, summary: QSummary | None = None) -> AvrilInputs:
     response_BxT, _ = token_positions(side["tokens_BxT"], side["mask_BxT"], side["prompt_len_B"])
-    return AvrilInputs(out.q_values, out.reward_mean, out.reward_sigma, side["tokens_BxT"], response_BxT,
+    q = out.q_values if summary is None else summary
+    return AvrilInputs(q, out.reward_mean, out.reward_sigma, side["tokens_BxT"], response_BxT,
                        side["mask_BxT"].astype(bool))
 
 
@@ -43,34 +56,53 @@ def _last(out: TQROutput, side):
     return gather_last(out.reward_mean, last_B)
 
 
-def _per_row_lm_loglik(out: TQROutput, side, include_prompt: bool):
-    """([B] sum, [B] count) of the backbone LM's log-likelihood of each row's counted actions."""
+def _per_row_lm_loglik(out: TQROutput, side, include_prompt: bool, logp_BxN=None):
+    """([B] sum, [B] count) of the backbone LM's log-likelihood of each row's counted actions
+    (from the logits, or from `logp_BxN` when the chunked path computed it)."""
     response_BxT, _ = token_positions(side["tokens_BxT"], side["mask_BxT"], side["prompt_len_B"])
     mask_BxN = transition_masks(response_BxT, side["mask_BxT"], include_prompt)[0]
-    tokens_BxT = jnp.where(side["mask_BxT"].astype(bool), side["tokens_BxT"], 0)
-    logp_BxN = token_logprobs(out.logits, tokens_BxT)
+    if logp_BxN is None:
+        tokens_BxT = jnp.where(side["mask_BxT"].astype(bool), side["tokens_BxT"], 0)
+        logp_BxN = token_logprobs(out.logits, tokens_BxT)
     return jnp.sum(jnp.where(mask_BxN, logp_BxN, 0.0), axis=1), jnp.sum(mask_BxN, axis=1, dtype=jnp.float32)
 
 
-def lm_loglik(out: TQROutput, side, include_prompt: bool = False):
+def lm_loglik(out: TQROutput, side, include_prompt: bool = False, logp_BxN=None):
     """(sum, count) of the backbone LM's log-likelihood of the counted actions (response tokens).
 
     Read from the LM logits, not from Q, so a policy flattened by the TD term shows here whatever
     the Q parameterisation (method.md section 6).
     """
-    total_B, count_B = _per_row_lm_loglik(out, side, include_prompt)
+    total_B, count_B = _per_row_lm_loglik(out, side, include_prompt, logp_BxN)
     return jnp.sum(total_B), jnp.sum(count_B)
 
 
-def make_loss_fn(cfg: LossConfig):
-    """`loss_fn(model, batch, rng) -> (loss, metrics)` for the train-step builder."""
+def make_loss_fn(cfg: LossConfig, vocab_chunks: bool = True):
+    """`loss_fn(model, batch, rng) -> (loss, metrics)` for the train-step builder.
+
+    vocab_chunks: the AVA objectives read Q per transition in vocabulary chunks (`TQR.q_summary`,
+    no [B, T, V] array; q_param="lm_logprobs" only, the others always take full rows). False takes
+    the full Q rows; both give the same loss and gradients (tests/test_objectives.py).
+    """
     def loss_fn(model, batch, rng):
         del rng
         if cfg.objective == "ava_d":  # demonstrations: the chosen halves only
             side = batch["chosen"]
-            out = model(side["tokens_BxT"], side["mask_BxT"])
-            loss, metrics = ava_d_loss(avril_inputs(out, side), cfg)
-            return loss, {**metrics, "lm_loglik_chosen": lm_loglik(out, side, cfg.include_prompt)}
+            if _chunked(model, vocab_chunks):
+                out, summary, lm = forward_summary(model, side["tokens_BxT"], side["mask_BxT"], cfg.beta)
+            else:
+                out, summary, lm = model(side["tokens_BxT"], side["mask_BxT"]), None, None
+            loss, metrics = ava_d_loss(avril_inputs(out, side, summary), cfg)
+            return loss, {**metrics, "lm_loglik_chosen": lm_loglik(out, side, cfg.include_prompt, lm)}
+        if cfg.objective == "ava_p" and _chunked(model, vocab_chunks):
+            c, r = batch["chosen"], batch["rejected"]
+            n = c["tokens_BxT"].shape[0]
+            out, summary, lm = forward_summary(model, jnp.concatenate([c["tokens_BxT"], r["tokens_BxT"]]),
+                                               jnp.concatenate([c["mask_BxT"], r["mask_BxT"]]), cfg.beta)
+            (out_c, out_r), (s_c, s_r), (lm_c, lm_r) = _split(out, n), _split(summary, n), _split(lm, n)
+            loss, metrics = ava_p_loss(avril_inputs(out_c, c, s_c), avril_inputs(out_r, r, s_r), cfg)
+            return loss, {**metrics, "lm_loglik_chosen": lm_loglik(out_c, c, cfg.include_prompt, lm_c),
+                          "lm_loglik_rejected": lm_loglik(out_r, r, cfg.include_prompt, lm_r)}
         out_c, out_r = forward_pair(model, batch)
         if cfg.objective == "ava_p":
             loss, metrics = ava_p_loss(avril_inputs(out_c, batch["chosen"]), avril_inputs(out_r, batch["rejected"]),

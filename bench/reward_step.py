@@ -1,7 +1,10 @@
 """Train-step time of each reward-model objective on the same backbone and batch, side by side.
 
 Prints the AVA-p (and AVA-d, PT) step time over the Bradley-Terry step time; the project's target is
-AVA-p at most 1.2x BT.
+AVA-p at most 1.2x BT. AVA reads Q in vocabulary chunks (`TQR.q_summary`); one column times AVA-p
+with full [B, T, V] Q rows instead, and the last gives each step's compiled temporary memory.
+BT and PT never use the LM head (XLA drops it), so on a large vocabulary AVA-p carries the LM head's
+forward and backward on top of BT's step: for GPT-2 small that is 39M of 124M parameters.
 
   python bench/reward_step.py                         # TinyStories-260K and a GPT-2-small-shaped model
   python bench/reward_step.py --models tiny --pairs 16 --seq 256
@@ -48,13 +51,17 @@ def pair_batch(B, T, V, seed=0):
     return {"chosen": side(), "rejected": side()}
 
 
-def step_time(name, objective, weighting, batch, reps, dtype):
+def step_time(name, objective, weighting, batch, reps, dtype, chunks=True):
+    """(median step seconds, compiled temporary MiB) of one objective's train step."""
     model = make_model(name, HeadConfig(reward_weighting=weighting), dtype)
     mesh = shd.make_mesh()
     opt = optax.adamw(1e-5)
     with jax.set_mesh(mesh):
         g, state = init_train_state(model, opt, mesh)
-        step = make_train_step(g, make_loss_fn(LossConfig(objective=objective)), opt, mesh, state, batch)
+        loss_fn = make_loss_fn(LossConfig(objective=objective), vocab_chunks=chunks)
+        step = make_train_step(g, loss_fn, opt, mesh, state, batch)
+        mem = step.lower(state, batch, jax.random.key(0)).compile().memory_analysis()
+        temp_mib = getattr(mem, "temp_size_in_bytes", 0) / 2 ** 20 if mem is not None else float("nan")
         box = [state]
 
         def run():
@@ -67,7 +74,7 @@ def step_time(name, objective, weighting, batch, reps, dtype):
             t = time.perf_counter()
             run()
             ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+    return statistics.median(ts), temp_mib
 
 
 def main():
@@ -80,19 +87,25 @@ def main():
     args = p.parse_args()
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; {args.pairs} pairs x {args.seq} tokens, "
           f"median of {args.reps} steps after one warm-up")
-    print("| model | BT step s | PT step s | AVA-p step s | AVA-d step s | AVA-p / BT | AVA-p (rwt off) / BT |")
-    print("|---|---|---|---|---|---|---|")
+    print("| model | BT step s | PT step s | AVA-p step s | AVA-d step s | AVA-p / BT | AVA-p (rwt off) / BT "
+          "| AVA-p full Q rows / BT | temp MiB: BT / AVA-p / AVA-p full rows |")
+    print("|---" * 9 + "|")
     for name in args.models.split(","):
         V = 512 if name == "tiny" else 50257
         batch = pair_batch(args.pairs, args.seq, V)
         reps = args.reps if name == "tiny" else max(2, args.reps // 2)
-        t = {(o, w): step_time(name, o, w, batch, reps, args.dtype)
-             for o, w in (("bt", "none"), ("pt", "attention"), ("ava_p", "attention"), ("ava_p", "none"),
-                          ("ava_d", "attention"))}
-        bt = t[("bt", "none")]
-        print(f"| {name} | {bt:.4f} | {t[('pt', 'attention')]:.4f} | {t[('ava_p', 'attention')]:.4f} | "
-              f"{t[('ava_d', 'attention')]:.4f} | {t[('ava_p', 'attention')] / bt:.2f}x | "
-              f"{t[('ava_p', 'none')] / bt:.2f}x |", flush=True)
+        runs = {(o, w, c): step_time(name, o, w, batch, reps, args.dtype, chunks=c)
+                for o, w, c in (("bt", "none", True), ("pt", "attention", True), ("ava_p", "attention", True),
+                                ("ava_p", "none", True), ("ava_d", "attention", True), ("ava_p", "attention", False))}
+        t = {k: v[0] for k, v in runs.items()}
+        mem = {k: v[1] for k, v in runs.items()}
+        bt = t[("bt", "none", True)]
+        ava = ("ava_p", "attention", True)
+        full = ("ava_p", "attention", False)
+        print(f"| {name} | {bt:.4f} | {t[('pt', 'attention', True)]:.4f} | {t[ava]:.4f} | "
+              f"{t[('ava_d', 'attention', True)]:.4f} | {t[ava] / bt:.2f}x | "
+              f"{t[('ava_p', 'none', True)] / bt:.2f}x | {t[full] / bt:.2f}x | "
+              f"{mem[('bt', 'none', True)]:.0f} / {mem[ava]:.0f} / {mem[full]:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -191,3 +191,37 @@ def test_loss_parts_add_up_and_lm_loglik_is_logged():
     _, m = make_loss_fn(LossConfig(objective="ava_p"))(model, batch, None)
     for side in ("chosen", "rejected"):
         np.testing.assert_allclose(np.asarray(m[f"lm_loglik_{side}"]), np.asarray(m[f"lik_{side}"]), rtol=1e-5)
+
+
+@pytest.mark.parametrize("objective,heads,beta,tie", [
+    ("ava_p", dict(reward_weighting="attention", weight_heads="both"), 1.0, True),
+    ("ava_p", dict(reward_weighting="attention", weight_heads="reward", alpha=0.7), 2.5, False),
+    ("ava_d", dict(reward_weighting="none"), 0.5, True),
+])
+def test_vocabulary_chunks_give_the_same_loss_metrics_and_gradients(objective, heads, beta, tie):
+    """TQR.q_summary (no [B, T, V] arrays) equals the AVRIL terms read from full Q rows."""
+    model = TQR(tiny_config("llama", tie_embeddings=tie), HeadConfig(**heads), rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model, nnx.Param)
+    cfg = LossConfig(objective=objective, beta=beta, normalize="sequence", cer="logsigmoid")
+    batch = _pairs()
+    results = []
+    for chunks in (True, False):
+        loss_fn = make_loss_fn(cfg, vocab_chunks=chunks)
+
+        def f(p):
+            return loss_fn(nnx.merge(graphdef, p), batch, None)
+
+        results.append(jax.jit(jax.value_and_grad(f, has_aux=True))(params))
+        jaxpr = jax.make_jaxpr(jax.grad(lambda p: f(p)[0]))(params).jaxpr
+        shapes = {tuple(v.aval.shape) for eqn in jaxpr.eqns for v in eqn.outvars if hasattr(v.aval, "shape")}
+        has_btv = any(len(sh) == 3 and sh[-1] == 97 for sh in shapes)  # vocab 97: a [B, T, V] array
+        assert has_btv == (not chunks)
+    ((l1, m1), g1), ((l2, m2), g2) = results
+    assert np.isfinite(float(l1))
+    np.testing.assert_allclose(float(l1), float(l2), rtol=1e-5)
+    assert sorted(m1) == sorted(m2) and "lm_loglik_chosen" in m1
+    for k in m1:
+        for a, b in zip(m1[k], m2[k]):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5, err_msg=k)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)

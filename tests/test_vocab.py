@@ -82,3 +82,31 @@ def test_no_full_vocabulary_tensor_in_the_compiled_gradient():
         jnp.zeros((N, D)), jnp.zeros((V, D)), jnp.zeros((N,), jnp.int32)).compile().as_text()
     assert f"f32[{N},{chunk}]" in hlo  # the chunks are there (the check can see shapes)
     assert f"f32[{N},{V}]" not in hlo and f"f32[1,{N},{V}]" not in hlo
+
+
+def test_scaled_log_sum_exps_and_their_scale_gradients_match_float64():
+    """chunked_logit_stats: lse_v(s_k z_v) and d/ds_k = E_{softmax(s_k z)}[z], against NumPy."""
+    from ava_jax.losses.vocab import chunked_logit_stats
+    N, D, V, K = 9, 8, 45, 3
+    rng = np.random.default_rng(3)
+    h = rng.normal(size=(N, D)).astype(np.float32)
+    w = rng.normal(size=(V, D)).astype(np.float32)
+    y = rng.integers(0, V, N).astype(np.int32)
+    s = rng.uniform(0.2, 2.0, size=(N, K)).astype(np.float32)
+    g_pick, g_lse = rng.normal(size=N), rng.normal(size=(N, K))
+
+    def f(h, w, s):
+        pick, lse = chunked_logit_stats(h[None], w, jnp.asarray(y)[None], s[None], vocab_major=True, chunk=16)
+        return jnp.sum(pick[0] * g_pick) + jnp.sum(lse[0] * g_lse), (pick[0], lse[0])
+
+    (_, (pick, lse)), (dh, dw, ds) = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))(h, w, s)
+    z = h.astype(np.float64) @ w.T.astype(np.float64)
+    sz = s.astype(np.float64)[:, :, None] * z[:, None, :]  # [N, K, V]
+    ref_lse = np.log(np.exp(sz - sz.max(-1, keepdims=True)).sum(-1)) + sz.max(-1)
+    p = np.exp(sz - ref_lse[..., None])
+    dz = g_pick[:, None] * np.eye(V)[y] + np.einsum("nk,nkv->nv", g_lse * s, p)
+    np.testing.assert_allclose(np.asarray(pick), z[np.arange(N), y], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(lse), ref_lse, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(ds), g_lse * np.einsum("nkv,nv->nk", p, z), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(dh), dz @ w.astype(np.float64), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(dw), dz.T @ h.astype(np.float64), rtol=1e-4, atol=1e-5)

@@ -6,12 +6,13 @@ from ava_jax.losses.ava import (
     ava_p_loss,
     contrastive_expected_return,
 )
-from ava_jax.losses.avril import AvrilInputs, avril_terms, last_transition, transition_masks
+from ava_jax.losses.avril import AvrilInputs, QSummary, avril_terms, last_transition, transition_masks
 from ava_jax.losses.baselines import bradley_terry_loss, gather_last, preference_transformer_loss
 from ava_jax.losses.config import LossConfig
 
 __all__ = [
     "AvrilInputs",
+    "QSummary",
     "LossConfig",
     "avril_terms",
     "ava_d_from_terms",

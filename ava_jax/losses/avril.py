@@ -22,11 +22,23 @@ from ava_jax.losses.config import LossConfig
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 
 
+class QSummary(NamedTuple):
+    """Q read per transition instead of as [B, T, V] rows (`TQR.q_summary`, vocabulary chunks).
+
+    Attributes:
+      q_a_BxN: Q(s_t, y_{t+1}) for t = 0..T-2.
+      beta_lse_BxN: logsumexp_v(beta * Q(s_t, v)), with the loss's beta.
+    """
+
+    q_a_BxN: jax.Array
+    beta_lse_BxN: jax.Array
+
+
 class AvrilInputs(NamedTuple):
     """The model outputs and masks of one batch of sequences (a pytree).
 
     Attributes:
-      q_BxTxV: Q(s_t, .) read from h_t.
+      q_BxTxV: Q(s_t, .) read from h_t, or a QSummary of it.
       mu_BxT: reward mean read from h_t (already weighted by w_t).
       sigma_BxT: reward standard deviation read from h_t, > 0 at real positions.
       tokens_BxT: token ids y_t.
@@ -34,7 +46,7 @@ class AvrilInputs(NamedTuple):
       mask_BxT: 1 where y_t is a real token (prompt or response).
     """
 
-    q_BxTxV: jax.Array
+    q_BxTxV: "jax.Array | QSummary"
     mu_BxT: jax.Array
     sigma_BxT: jax.Array
     tokens_BxT: jax.Array
@@ -43,6 +55,12 @@ class AvrilInputs(NamedTuple):
 
 
 def _check_shapes(q_BxTxV, mu_BxT, sigma_BxT, tokens_BxT, response_mask_BxT, mask_BxT):
+    if isinstance(q_BxTxV, QSummary):
+        T = mu_BxT.shape[1]
+        for name, x in (("q_a_BxN", q_BxTxV.q_a_BxN), ("beta_lse_BxN", q_BxTxV.beta_lse_BxN)):
+            if x.shape != (mu_BxT.shape[0], T - 1):
+                raise ValueError(f"QSummary.{name} must have shape {(mu_BxT.shape[0], T - 1)}, got {x.shape}")
+        return
     if q_BxTxV.ndim != 3:
         raise ValueError(f"q_BxTxV must be [B, T, V], got shape {q_BxTxV.shape}")
     bt = q_BxTxV.shape[:2]
@@ -113,7 +131,7 @@ def avril_terms(q_BxTxV, mu_BxT, sigma_BxT, tokens_BxT, response_mask_BxT, mask_
     """Per-transition likelihood, KL and TD log-likelihood (method.md section 2; AVRIL's ELBO terms).
 
     Args:
-      q_BxTxV: Q(s_t, .) from h_t.
+      q_BxTxV: Q(s_t, .) from h_t, or a QSummary (Q_a and logsumexp(beta Q) per transition).
       mu_BxT: Gaussian reward head mean at h_t.
       sigma_BxT: Gaussian reward head std at h_t (> 0 at real positions; anything elsewhere).
       tokens_BxT: token ids.
@@ -131,23 +149,30 @@ def avril_terms(q_BxTxV, mu_BxT, sigma_BxT, tokens_BxT, response_mask_BxT, mask_
         for a row without one), "has_B" (bool, the row has a counted transition).
     """
     _check_shapes(q_BxTxV, mu_BxT, sigma_BxT, tokens_BxT, response_mask_BxT, mask_BxT)
-    vocab = q_BxTxV.shape[2]
+    summary = q_BxTxV if isinstance(q_BxTxV, QSummary) else None
     # Compute in at least float32 (bf16 logsumexp over a vocabulary loses the small terms).
-    dtype = jnp.promote_types(jnp.result_type(q_BxTxV, mu_BxT, sigma_BxT), jnp.float32)
+    q_dtype = summary.q_a_BxN if summary is not None else q_BxTxV
+    dtype = jnp.promote_types(jnp.result_type(q_dtype, mu_BxT, sigma_BxT), jnp.float32)
     mask_BxN, td_mask_BxN, terminal_BxN = transition_masks(response_mask_BxT, mask_BxT, cfg.include_prompt,
                                                            cfg.td_terminal)
 
-    # Action y_{t+1}; pad ids may be anything (even out of range), so replace them first.
-    actions_BxN = jnp.where(mask_BxN, tokens_BxT[:, 1:], 0).astype(jnp.int32)
-    actions_BxN = jnp.clip(actions_BxN, 0, vocab - 1)
-    # Only Q rows of counted transitions are read (Q_a(t+1) of a TD pair is itself a counted row).
-    q_BxNxV = jnp.where(mask_BxN[..., None], q_BxTxV[:, :-1].astype(dtype), 0.0)
-    q_a_BxN = jnp.take_along_axis(q_BxNxV, actions_BxN[..., None], axis=-1)[..., 0]
+    if summary is None:
+        vocab = q_BxTxV.shape[2]
+        # Action y_{t+1}; pad ids may be anything (even out of range), so replace them first.
+        actions_BxN = jnp.where(mask_BxN, tokens_BxT[:, 1:], 0).astype(jnp.int32)
+        actions_BxN = jnp.clip(actions_BxN, 0, vocab - 1)
+        # Only Q rows of counted transitions are read (Q_a(t+1) of a TD pair is itself a counted row).
+        q_BxNxV = jnp.where(mask_BxN[..., None], q_BxTxV[:, :-1].astype(dtype), 0.0)
+        q_a_BxN = jnp.take_along_axis(q_BxNxV, actions_BxN[..., None], axis=-1)[..., 0]
+    else:  # the same quantities, read per transition by TQR.q_summary (no [B, N, V] rows)
+        q_a_BxN = jnp.where(mask_BxN, summary.q_a_BxN.astype(dtype), 0.0)
 
     if cfg.likelihood == "boltzmann":
         # AVA Eq. 3: log pi(a|s) = log_softmax(beta * Q(s, .))[a] = beta * Q_a - logsumexp(beta * Q).
         # logsumexp (max-shifted, stable) and a gather: the [B, N, V] log-probs are never kept.
-        lik_BxN = cfg.beta * q_a_BxN - jax.nn.logsumexp(cfg.beta * q_BxNxV, axis=-1)
+        lse_BxN = (jax.nn.logsumexp(cfg.beta * q_BxNxV, axis=-1) if summary is None
+                   else jnp.where(mask_BxN, summary.beta_lse_BxN.astype(dtype), 0.0))
+        lik_BxN = cfg.beta * q_a_BxN - lse_BxN
     else:
         # AVA Eq. 13 as printed: the likelihood term is beta * Q(s_t, a_t) itself.
         lik_BxN = cfg.beta * q_a_BxN

@@ -7,8 +7,9 @@ dh and the chunk's rows of dW. Peak memory is O(N * chunk) instead of O(N * V) f
 log-softmax and its gradient; the price is one extra h W product in the backward (the recompute).
 
 Used by the LM losses (SFT, DPO log-probs, the AVA LM-likelihood metric) through
-`Transformer.token_logprobs`. The chunks are static slices of W (an unrolled loop over at most
-ceil(V / chunk) pieces), so there is no padding copy of the vocabulary matrix.
+`Transformer.token_logprobs`. The chunks are a `lax.scan` over equal slices of W (the last one moved
+back to end at V, its overlap masked), so XLA runs them one at a time, compiles one loop body
+whatever V, and never copies W into a padded matrix.
 """
 from __future__ import annotations
 
@@ -20,65 +21,115 @@ import jax.numpy as jnp
 DEFAULT_CHUNK = 8192
 
 
-def _chunks(V: int, chunk: int):
-    return [(s, min(s + chunk, V)) for s in range(0, V, chunk)]
+def _layout(V: int, chunk: int):
+    """(chunk width C, number of chunks M): M chunks of C columns; the last starts at V - C."""
+    C = min(chunk, V)
+    return C, -(-V // C)
 
 
-def _chunk_logits(h_NxD, w, start, end, vocab_major):
-    wc = w[start:end] if vocab_major else w[:, start:end]
+def _slice_w(w, start, C, vocab_major):
+    return (jax.lax.dynamic_slice_in_dim(w, start, C, axis=0) if vocab_major
+            else jax.lax.dynamic_slice_in_dim(w, start, C, axis=1))
+
+
+def _chunk(h_NxD, w, i, C, V, vocab_major):
+    """Chunk i: its start, logits z [N, C] (float32) and which of its columns are its own.
+
+    Chunk i covers [i C, (i + 1) C); the last is moved back to [V - C, V) so every chunk has the same
+    shape (one compiled loop body, no padding copy of w), and columns it shares with the previous
+    chunk are masked out so each column counts once.
+    """
+    start = jnp.minimum(i * C, V - C)
+    wc = _slice_w(w, start, C, vocab_major).astype(h_NxD.dtype)
     spec = "nd,vd->nv" if vocab_major else "nd,dv->nv"
-    return jnp.einsum(spec, h_NxD, wc.astype(h_NxD.dtype), preferred_element_type=jnp.float32)
+    z_NxC = jnp.einsum(spec, h_NxD, wc, preferred_element_type=jnp.float32)
+    own_C = start + jnp.arange(C) >= i * C
+    return start, wc, z_NxC, own_C
 
 
-def _forward(h_NxD, w, targets_N, chunk, vocab_major):
+def _forward(h_NxD, w, targets_N, scales_NxK, chunk, vocab_major):
     V = w.shape[0] if vocab_major else w.shape[1]
-    N = h_NxD.shape[0]
-    lse_N = jnp.full((N,), -jnp.inf, jnp.float32)
-    picked_N = jnp.zeros((N,), jnp.float32)
-    for start, end in _chunks(V, chunk):
-        z_NxC = _chunk_logits(h_NxD, w, start, end, vocab_major)
-        lse_N = jnp.logaddexp(lse_N, jax.nn.logsumexp(z_NxC, axis=-1))
+    N, K = scales_NxK.shape
+    C, M = _layout(V, chunk)
+
+    def body(carry, i):
+        lse_NxK, picked_N = carry
+        start, _, z_NxC, own_C = _chunk(h_NxD, w, i, C, V, vocab_major)
+        zm_NxC = jnp.where(own_C[None], z_NxC, -jnp.inf)
+        # One [N, C] pass per scale (K is 1 to 3): no [N, K, C] array. Scales are positive.
+        piece_NxK = jnp.stack([jax.nn.logsumexp(scales_NxK[:, k, None] * zm_NxC, axis=-1) for k in range(K)], -1)
         local_N = targets_N - start
-        inside_N = (local_N >= 0) & (local_N < end - start)
-        got_N = jnp.take_along_axis(z_NxC, jnp.clip(local_N, 0, end - start - 1)[:, None], axis=-1)[:, 0]
-        picked_N = picked_N + jnp.where(inside_N, got_N, 0.0)
-    return picked_N - lse_N, lse_N
+        hit_N = (local_N >= 0) & (local_N < C) & (targets_N >= i * C)
+        got_N = jnp.take_along_axis(z_NxC, jnp.clip(local_N, 0, C - 1)[:, None], axis=-1)[:, 0]
+        return (jnp.logaddexp(lse_NxK, piece_NxK), picked_N + jnp.where(hit_N, got_N, 0.0)), None
+
+    init = (jnp.full((N, K), -jnp.inf, jnp.float32), jnp.zeros((N,), jnp.float32))
+    (lse_NxK, picked_N), _ = jax.lax.scan(body, init, jnp.arange(M))
+    return picked_N, lse_NxK
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _logprobs(h_NxD, w, targets_N, chunk, vocab_major):
-    return _forward(h_NxD, w, targets_N, chunk, vocab_major)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _stats(h_NxD, w, targets_N, scales_NxK, chunk, vocab_major):
+    return _forward(h_NxD, w, targets_N, scales_NxK, chunk, vocab_major)
 
 
-def _logprobs_fwd(h_NxD, w, targets_N, chunk, vocab_major):
-    logp_N, lse_N = _forward(h_NxD, w, targets_N, chunk, vocab_major)
-    return logp_N, (h_NxD, w, targets_N, lse_N)
+def _stats_fwd(h_NxD, w, targets_N, scales_NxK, chunk, vocab_major):
+    picked_N, lse_NxK = _forward(h_NxD, w, targets_N, scales_NxK, chunk, vocab_major)
+    return (picked_N, lse_NxK), (h_NxD, w, targets_N, scales_NxK, lse_NxK)
 
 
-def _logprobs_bwd(chunk, vocab_major, res, g_N):
-    h_NxD, w, targets_N, lse_N = res
+def _stats_bwd(chunk, vocab_major, res, cotangents):
+    h_NxD, w, targets_N, scales_NxK, lse_NxK = res
+    g_pick_N, g_lse_NxK = (c.astype(jnp.float32) for c in cotangents)
     V = w.shape[0] if vocab_major else w.shape[1]
-    g_N = g_N.astype(jnp.float32)
-    dh_NxD = jnp.zeros(h_NxD.shape, jnp.float32)
-    dw_parts = []
-    for start, end in _chunks(V, chunk):
-        z_NxC = _chunk_logits(h_NxD, w, start, end, vocab_major)
-        onehot_NxC = (targets_N[:, None] - start) == jnp.arange(end - start)[None, :]
-        # d logp / d z = onehot - softmax(z), times the incoming cotangent.
-        dz_NxC = g_N[:, None] * (onehot_NxC.astype(jnp.float32) - jnp.exp(z_NxC - lse_N[:, None]))
+    C, M = _layout(V, chunk)
+    K = scales_NxK.shape[1]
+
+    def body(carry, i):
+        dh_NxD, dw, dscale_NxK = carry
+        start, wc, z_NxC, own_C = _chunk(h_NxD, w, i, C, V, vocab_major)
+        hit_NxC = ((targets_N[:, None] - start) == jnp.arange(C)[None, :]) & own_C[None]
+        # p_k = softmax(s_k z): d lse_k / dz = s_k p_k and d lse_k / ds_k = sum_v p_k,v z_v.
+        dz_NxC = g_pick_N[:, None] * hit_NxC.astype(jnp.float32)
+        ez_parts = []
+        for k in range(K):
+            p_NxC = jnp.where(own_C[None], jnp.exp(scales_NxK[:, k, None] * z_NxC - lse_NxK[:, k, None]), 0.0)
+            ez_parts.append(jnp.sum(p_NxC * z_NxC, axis=-1))
+            dz_NxC = dz_NxC + (g_lse_NxK[:, k] * scales_NxK[:, k])[:, None] * p_NxC
         dz_NxC = dz_NxC.astype(h_NxD.dtype)
-        wc = (w[start:end] if vocab_major else w[:, start:end]).astype(h_NxD.dtype)
         if vocab_major:
             dh_NxD = dh_NxD + jnp.einsum("nv,vd->nd", dz_NxC, wc, preferred_element_type=jnp.float32)
-            dw_parts.append(jnp.einsum("nv,nd->vd", dz_NxC, h_NxD, preferred_element_type=jnp.float32))
+            dwc = jnp.einsum("nv,nd->vd", dz_NxC, h_NxD, preferred_element_type=jnp.float32)
         else:
             dh_NxD = dh_NxD + jnp.einsum("nv,dv->nd", dz_NxC, wc, preferred_element_type=jnp.float32)
-            dw_parts.append(jnp.einsum("nv,nd->dv", dz_NxC, h_NxD, preferred_element_type=jnp.float32))
-    dw = jnp.concatenate(dw_parts, axis=0 if vocab_major else 1) if len(dw_parts) > 1 else dw_parts[0]
-    return dh_NxD.astype(h_NxD.dtype), dw.astype(w.dtype), None
+            dwc = jnp.einsum("nv,nd->dv", dz_NxC, h_NxD, preferred_element_type=jnp.float32)
+        # Shared columns of the last chunk got dz = 0 above, so adding the slice back is exact.
+        axis = 0 if vocab_major else 1
+        dw = jax.lax.dynamic_update_slice_in_dim(dw, _slice_w(dw, start, C, vocab_major) + dwc, start, axis)
+        return (dh_NxD, dw, dscale_NxK + g_lse_NxK * jnp.stack(ez_parts, -1)), None
+
+    init = (jnp.zeros(h_NxD.shape, jnp.float32), jnp.zeros(w.shape, jnp.float32),
+            jnp.zeros(scales_NxK.shape, jnp.float32))
+    (dh_NxD, dw, dscale_NxK), _ = jax.lax.scan(body, init, jnp.arange(M))
+    return dh_NxD.astype(h_NxD.dtype), dw.astype(w.dtype), None, dscale_NxK.astype(scales_NxK.dtype)
 
 
-_logprobs.defvjp(_logprobs_fwd, _logprobs_bwd)
+_stats.defvjp(_stats_fwd, _stats_bwd)
+
+
+def chunked_logit_stats(h_BxTxD: jax.Array, w: jax.Array, targets_BxT: jax.Array, scales_BxTxK: jax.Array, *,
+                        vocab_major: bool, chunk: int = DEFAULT_CHUNK):
+    """The picked logit z_y [B, T] and K scaled log-sum-exps lse_v(s_k z_v) [B, T, K], z = h W.
+
+    Everything the AVRIL terms need from Q = w_t * log_softmax(alpha z) is a per-position function of
+    these (see `ava_jax.models.tqr.TQR.q_summary`). Differentiable w.r.t. h, w and the scales (the
+    scales carry the reward-weighting w_t); float32 outputs; no [B, T, V] array.
+    """
+    B, T, D = h_BxTxD.shape
+    K = scales_BxTxK.shape[-1]
+    picked_N, lse_NxK = _stats(h_BxTxD.reshape(B * T, D), w, targets_BxT.reshape(B * T).astype(jnp.int32),
+                               scales_BxTxK.reshape(B * T, K).astype(jnp.float32), int(chunk), bool(vocab_major))
+    return picked_N.reshape(B, T), lse_NxK.reshape(B, T, K)
 
 
 def chunked_token_logprobs(h_BxTxD: jax.Array, w: jax.Array, targets_BxT: jax.Array, *,
@@ -91,7 +142,7 @@ def chunked_token_logprobs(h_BxTxD: jax.Array, w: jax.Array, targets_BxT: jax.Ar
       targets_BxT: int32 token ids in [0, V).
       chunk: vocabulary columns per chunk.
     """
-    B, T, D = h_BxTxD.shape
-    logp_N = _logprobs(h_BxTxD.reshape(B * T, D), w, targets_BxT.reshape(B * T).astype(jnp.int32),
-                       int(chunk), bool(vocab_major))
-    return logp_N.reshape(B, T)
+    ones_BxTx1 = jnp.ones(h_BxTxD.shape[:2] + (1,), jnp.float32)
+    picked_BxT, lse_BxTx1 = chunked_logit_stats(h_BxTxD, w, targets_BxT, ones_BxTx1, vocab_major=vocab_major,
+                                                chunk=chunk)
+    return picked_BxT - lse_BxTx1[..., 0]
