@@ -67,7 +67,7 @@ def test_blocked_gradient_matches_xla():
         np.testing.assert_allclose(np.asarray(g_b), np.asarray(g_x), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", pytest.param("gpt2", marks=pytest.mark.slow)])
 def test_backbone_same_with_either_kernel(arch):
     """The whole model (logits, reward heads and parameter gradients) does not depend on the kernel."""
     cfgs = [tiny_config(arch, attention=a) for a in ("blocked", "xla")]
