@@ -8,6 +8,7 @@ forward and backward on top of BT's step: for GPT-2 small that is 39M of 124M pa
 
   python bench/reward_step.py                         # TinyStories-260K and a GPT-2-small-shaped model
   python bench/reward_step.py --models tiny --pairs 16 --seq 256
+  python bench/reward_step.py --models wide-vocab --pairs 4 --seq 128   # where the vocabulary dominates
 """
 from __future__ import annotations
 
@@ -36,6 +37,10 @@ def make_model(name, heads, dtype):
     if name == "gpt2-small":
         cfg = ModelConfig(arch="gpt2", vocab_size=50257, d_model=768, n_layers=12, n_heads=12, n_kv_heads=12,
                           d_ff=3072, max_seq_len=1024, dtype=dtype)
+        return TQR(cfg, heads, rngs=nnx.Rngs(0))
+    if name == "wide-vocab":  # GPT-2's vocabulary on a narrow 2-layer trunk: the LM head dominates
+        cfg = ModelConfig(arch="gpt2", vocab_size=50257, d_model=256, n_layers=2, n_heads=4, n_kv_heads=4,
+                          d_ff=1024, max_seq_len=256, dtype=dtype)
         return TQR(cfg, heads, rngs=nnx.Rngs(0))
     raise SystemExit(f"unknown model {name!r}")
 
@@ -91,7 +96,7 @@ def main():
           "| AVA-p full Q rows / BT | temp MiB: BT / AVA-p / AVA-p full rows |")
     print("|---" * 9 + "|")
     for name in args.models.split(","):
-        V = 512 if name == "tiny" else 50257
+        V = 512 if name == "tiny" else 50257  # gpt2-small, wide-vocab
         batch = pair_batch(args.pairs, args.seq, V)
         reps = args.reps if name == "tiny" else max(2, args.reps // 2)
         runs = {(o, w, c): step_time(name, o, w, batch, reps, args.dtype, chunks=c)
