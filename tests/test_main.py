@@ -73,6 +73,7 @@ def test_config_mistakes_end_with_one_line(args, needles):
 TWO_STEPS = ("--config=configs/bt.py:hh_tiny", "--config.train.steps=2", "--config.train.log_every=1")
 
 
+@pytest.mark.slow  # 30 s: a real run in a subprocess; the one-line error tests stay in the default suite
 def test_tiny_run_keeps_library_info_logs_quiet(tmp_path):
     proc = run_main(*TWO_STEPS, f"--config.workdir={tmp_path}")
     assert proc.returncode == 0, proc.stderr[-3000:]
