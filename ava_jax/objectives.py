@@ -23,13 +23,19 @@ def _split(out: TQROutput, n: int):
     return first, second
 
 
-def forward_pair(model, batch):
-    """One forward over chosen and rejected stacked on the batch axis (one compiled shape, better
-    utilisation than two calls). Returns (out_chosen, out_rejected)."""
+def _stacked(batch):
+    """Chosen and rejected stacked on the batch axis: (tokens [2B, T], mask [2B, T], B)."""
     c, r = batch["chosen"], batch["rejected"]
     tokens = jnp.concatenate([c["tokens_BxT"], r["tokens_BxT"]], axis=0)
     mask = jnp.concatenate([c["mask_BxT"], r["mask_BxT"]], axis=0)
-    return _split(model(tokens, mask), c["tokens_BxT"].shape[0])
+    return tokens, mask, c["tokens_BxT"].shape[0]
+
+
+def forward_pair(model, batch):
+    """One forward over chosen and rejected stacked on the batch axis (one compiled shape, better
+    utilisation than two calls). Returns (out_chosen, out_rejected)."""
+    tokens, mask, n = _stacked(batch)
+    return _split(model(tokens, mask), n)
 
 
 def _chunked(model, vocab_chunks: bool) -> bool:
@@ -70,8 +76,9 @@ def _per_row_lm_loglik(out: TQROutput, side, include_prompt: bool, logp_BxN=None
 def lm_loglik(out: TQROutput, side, include_prompt: bool = False, logp_BxN=None):
     """(sum, count) of the backbone LM's log-likelihood of the counted actions (response tokens).
 
-    Read from the LM logits, not from Q, so a policy flattened by the TD term shows here whatever
-    the Q parameterisation (method.md section 6).
+    Read from the LM logits (or `logp_BxN`, the LM's own log-probs from `TQR.q_summary`), not from
+    Q, so a policy flattened by the TD term shows here whatever the Q parameterisation (method.md
+    section 6).
     """
     total_B, count_B = _per_row_lm_loglik(out, side, include_prompt, logp_BxN)
     return jnp.sum(total_B), jnp.sum(count_B)
@@ -96,9 +103,8 @@ def make_loss_fn(cfg: LossConfig, vocab_chunks: bool = True):
             return loss, {**metrics, "lm_loglik_chosen": lm_loglik(out, side, cfg.include_prompt, lm)}
         if cfg.objective == "ava_p" and _chunked(model, vocab_chunks):
             c, r = batch["chosen"], batch["rejected"]
-            n = c["tokens_BxT"].shape[0]
-            out, summary, lm = forward_summary(model, jnp.concatenate([c["tokens_BxT"], r["tokens_BxT"]]),
-                                               jnp.concatenate([c["mask_BxT"], r["mask_BxT"]]), cfg.beta)
+            tokens, mask, n = _stacked(batch)
+            out, summary, lm = forward_summary(model, tokens, mask, cfg.beta)
             (out_c, out_r), (s_c, s_r), (lm_c, lm_r) = _split(out, n), _split(summary, n), _split(lm, n)
             loss, metrics = ava_p_loss(avril_inputs(out_c, c, s_c), avril_inputs(out_r, r, s_r), cfg)
             return loss, {**metrics, "lm_loglik_chosen": lm_loglik(out_c, c, cfg.include_prompt, lm_c),

@@ -90,9 +90,8 @@ class TQR(nnx.Module):
         ones_BxN = jnp.ones_like(c_BxN)
         columns = [alpha * ones_BxN, beta * alpha * c_BxN] + ([] if alpha == 1.0 else [ones_BxN])
         scales_BxNxK = jnp.stack(columns, axis=-1)
-        dt = self.cfg.jnp_dtype
-        w, vocab_major = (bb.embed[...], True) if bb.lm_head is None else (bb.lm_head[...], False)
-        z_a_BxN, lse_BxNxK = chunked_logit_stats(out.hidden[:, :-1].astype(dt), w.astype(dt), actions_BxN,
+        w, vocab_major = bb.output_matrix()
+        z_a_BxN, lse_BxNxK = chunked_logit_stats(out.hidden[:, :-1].astype(self.cfg.jnp_dtype), w, actions_BxN,
                                                  scales_BxNxK, vocab_major=vocab_major, chunk=chunk)
         L_BxN = lse_BxNxK[..., 0]
         q_a_BxN = c_BxN * (alpha * z_a_BxN - L_BxN)

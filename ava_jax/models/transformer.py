@@ -248,18 +248,21 @@ class Transformer(nnx.Module):
             out = h_BxTxD.astype(dt) @ self.lm_head[...].astype(dt)
         return out.astype(jnp.float32)
 
+    def output_matrix(self):
+        """(W, vocab_major) of the LM head in the compute dtype: the tied embedding [V, D]
+        (vocab_major=True) or the untied head [D, V]; what `losses.vocab` takes."""
+        dt = self.cfg.jnp_dtype
+        if self.lm_head is None:
+            return self.embed[...].astype(dt), True
+        return self.lm_head[...].astype(dt), False
 
     def token_logprobs(self, h_BxTxD, tokens_BxT, chunk: int = DEFAULT_CHUNK):
         """log p(y_{t+1} | y_<=t) for t = 0..T-2, [B, T-1] float32, in vocabulary chunks.
 
         Equal to `losses.lm.token_logprobs(self.logits(h), tokens)` without the [B, T, V] logits.
         """
-        dt = self.cfg.jnp_dtype
-        if self.lm_head is None:
-            w, vocab_major = self.embed[...], True
-        else:
-            w, vocab_major = self.lm_head[...], False
-        return chunked_token_logprobs(h_BxTxD[:, :-1].astype(dt), w.astype(dt), tokens_BxT[:, 1:],
+        w, vocab_major = self.output_matrix()
+        return chunked_token_logprobs(h_BxTxD[:, :-1].astype(self.cfg.jnp_dtype), w, tokens_BxT[:, 1:],
                                       vocab_major=vocab_major, chunk=chunk)
 
 
