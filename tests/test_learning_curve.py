@@ -45,3 +45,26 @@ def test_learning_curve_writes_outputs(tmp_path):
     assert payload["references"]["bayes_ceiling"] == {"256": bayes, "512": bayes}
     md = (out / "learning_curve.md").read_text()
     assert "| BT |" in md and "Bayes ceiling" in md
+
+
+def test_learning_curve_resumes_finished_points(tmp_path, monkeypatch):
+    """A killed curve keeps its finished points: a rerun with the same settings trains only the rest,
+    and other settings start afresh."""
+    out = str(tmp_path / "lc")
+    settings = {"variant": "synthetic_tiny", "steps": 3, "epochs": 0.0, "overrides": []}
+    lc._save_partial(f"{out}/learning_curve.partial.json", settings, {"bt/256/0": [0.625, 1.5]})
+    trained = []
+
+    def fake_run(c):
+        trained.append((c.objective, c.data.synthetic.num_examples, c.seed))
+        return lc.reward_model.RewardModelResult(c.objective, {"test": {"accuracy": 0.5}}, None, 2.0, {})
+
+    monkeypatch.setattr(lc.reward_model, "run", fake_run)
+    monkeypatch.setattr(lc, "write_outputs", lambda payload, out_dir: {})
+    payload = lc.run_learning_curve((256,), (0, 1), ("bt",), variant="synthetic_tiny", steps=3, out_dir=out)
+    assert trained == [("bt", 256, 1)]
+    assert payload["accuracy"]["bt"]["256"] == [0.625, 0.5] and payload["wall_s"]["bt"]["256"] == [1.5, 2.0]
+    trained.clear()
+    lc._save_partial(f"{out}/learning_curve.partial.json", settings, {"bt/256/0": [0.625, 1.5]})
+    lc.run_learning_curve((256,), (0,), ("bt",), variant="synthetic_tiny", steps=4, out_dir=out)
+    assert trained == [("bt", 256, 0)]  # steps differ: the saved point is not reused

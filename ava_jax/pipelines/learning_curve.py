@@ -141,6 +141,10 @@ def run_learning_curve(sizes=DEFAULT_SIZES, seeds=(0, 1, 2), objectives=DEFAULT_
     t0 = time.perf_counter()
     acc = {o: {str(n): [] for n in sizes} for o in objectives}
     wall = {o: {str(n): [] for n in sizes} for o in objectives}
+    # Finished points of a killed run with the same settings are kept (out_dir/learning_curve.partial.json).
+    settings = {"variant": variant, "steps": steps, "epochs": epochs, "overrides": [list(o) for o in overrides]}
+    partial_path = os.path.join(out_dir, "learning_curve.partial.json") if out_dir else ""
+    done = _load_partial(partial_path, settings)
     refs = {k: {} for k in REFERENCES}
     steps_by_size = {}
     for n in sizes:
@@ -153,18 +157,49 @@ def run_learning_curve(sizes=DEFAULT_SIZES, seeds=(0, 1, 2), objectives=DEFAULT_
                  time.perf_counter() - tr)
         for o in objectives:
             for s in seeds:
-                log.info("learning_curve: %d pairs / %s / seed %d", n, o, s)
-                r = reward_model.run(run_config(o, n, s, variant=variant, steps=steps, epochs=epochs,
-                                                overrides=overrides))
-                acc[o][str(n)].append(float(r.metrics["test"]["accuracy"]))
-                wall[o][str(n)].append(float(r.wall_s))
+                point = f"{o}/{n}/{s}"
+                if point not in done:
+                    log.info("learning_curve: %d pairs / %s / seed %d", n, o, s)
+                    r = reward_model.run(run_config(o, n, s, variant=variant, steps=steps, epochs=epochs,
+                                                    overrides=overrides))
+                    done[point] = [float(r.metrics["test"]["accuracy"]), float(r.wall_s)]
+                    _save_partial(partial_path, settings, done)
+                else:
+                    log.info("learning_curve: %s already measured (%s)", point, partial_path)
+                acc[o][str(n)].append(done[point][0])
+                wall[o][str(n)].append(done[point][1])
     payload = {"date": datetime.date.today().isoformat(), "command": command, "variant": variant,
                "sizes": list(sizes), "seeds": list(seeds), "objectives": list(objectives),
                "overrides": {k: v for k, v in overrides}, "epochs": epochs, "steps": steps_by_size,
                "accuracy": acc, "references": refs, "wall_s": wall, "total_wall_s": time.perf_counter() - t0}
     if out_dir:
         write_outputs(payload, out_dir)
+        if os.path.exists(partial_path):
+            os.remove(partial_path)
     return payload
+
+
+def _load_partial(path: str, settings: dict) -> dict:
+    """{"objective/size/seed": [test accuracy, wall s]} of an interrupted run with the same settings."""
+    if not path or not os.path.exists(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        saved = json.load(f)
+    if saved.get("settings") != settings:
+        log.warning("learning_curve: %s was made with other settings (%s); starting afresh", path,
+                    saved.get("settings"))
+        return {}
+    return dict(saved["points"])
+
+
+def _save_partial(path: str, settings: dict, points: dict) -> None:
+    if not path:
+        return
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump({"settings": settings, "points": points}, f)
+    os.replace(tmp, path)  # a kill mid-write leaves the previous file
 
 
 def _mean_sd(values) -> tuple[float, float]:
@@ -181,7 +216,8 @@ def format_markdown(payload: dict) -> str:
     steps = ", ".join(f"{n}: {payload['steps'][n]}" for n in sizes)
     out += [f"Variant `{payload['variant']}`; seeds {', '.join(map(str, payload['seeds']))}; train steps per size "
             f"{steps}; overrides {payload['overrides'] or 'none'}. "
-            f"Test accuracy (%), mean ± sample sd over seeds; wall time {payload['total_wall_s'] / 60:.1f} min.", "",
+            f"Test accuracy (%), mean ± sample sd over seeds; training time summed over runs "
+            f"{sum(w for by in payload['wall_s'].values() for ws in by.values() for w in ws) / 60:.1f} min.", "",
             "| method | " + " | ".join(f"{n} pairs" for n in sizes) + " |", "|---|" + "---|" * len(sizes)]
     for o, by_size in payload["accuracy"].items():
         cells = []
