@@ -1,7 +1,9 @@
 """ConfigDict -> typed, frozen dataclasses, in one place. Layers never read a ConfigDict.
 
-`base_config()` holds the keys every pipeline shares; `configs/<experiment>.py` files start from it.
-Every conversion names the offending config key when a value is invalid.
+`base_config()` holds the keys every pipeline shares; each pipeline's `default_config` (beside its
+`run`) starts from it, and `configs/<experiment>.py` files call those. Every conversion names the
+offending config key when a value is invalid; a ValueError or TypeError raised while converting is
+the user's to fix (`errors.is_user_error`).
 """
 from __future__ import annotations
 
@@ -10,11 +12,16 @@ import os
 
 import ml_collections
 
+from ava_jax import objectives
+from ava_jax.data.load import SPLITS, DataConfig
 from ava_jax.errors import ConfigError
-from ava_jax.losses.config import OBJECTIVES, LossConfig
+from ava_jax.models.build import BackboneSpec
 from ava_jax.models.config import ModelConfig
 from ava_jax.models.heads import HeadConfig
 from ava_jax.sampling import SamplingConfig
+from ava_jax.train.loop import LoopOptions
+from ava_jax.train.setup import OptimizerConfig
+from ava_jax.train.step import StepOptions
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 BUNDLED = {
@@ -34,7 +41,6 @@ def base_config() -> ml_collections.ConfigDict:
         attention="auto",  # auto | xla | blocked (ava_jax.models.attention)
         q_param="lm_logprobs", alpha=1.0, sigma_transform="softplus", reward_weighting="attention",
         weight_norm="mean", weight_heads="both", sigma_init=ml_collections.config_dict.placeholder(float),
-        reward_align="next",
     ))
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.sampling = ml_collections.ConfigDict(dict(
@@ -94,14 +100,108 @@ def scratch_model_config(s: ml_collections.ConfigDict, *, vocab_size: int | None
                        dtype=dtype, param_dtype=param_dtype, remat=remat, attention=attention)
 
 
-def loss_config(c: ml_collections.ConfigDict) -> LossConfig:
-    """`config.objective` + `config.loss` (+ `model.reward_align`) -> LossConfig; errors name the key."""
-    if c.objective not in OBJECTIVES:
-        raise ConfigError(f"config.objective={c.objective!r} is not one of {OBJECTIVES}")
+def backbone_spec(m: ml_collections.ConfigDict, *, vocab_size: int | None = None) -> BackboneSpec:
+    """`config.model` -> what `models.build.build_tqr` builds: a local checkpoint or a scratch shape.
+
+    vocab_size: the scratch model's vocabulary when the data fixes it (the synthetic task).
+    """
+    common = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, attention=m.attention)
+    if m.path == "scratch":
+        return BackboneSpec(path="scratch", scratch=scratch_model_config(m.scratch, vocab_size=vocab_size, **common),
+                            **common)
+    return BackboneSpec(path=resolve_path(m.path), **common)
+
+
+def loss_section(objective: str) -> ml_collections.ConfigDict:
+    """The default `config.loss` of an objective: exactly its config class's fields and defaults
+    (an optional float is a float placeholder, so `--config.loss.KEY=1.5` can set it)."""
+    cls = objectives.get(objective).config_cls
+    values = {}
+    for f in dataclasses.fields(cls):
+        default = f.default
+        if default is None:
+            kind = float if "float" in str(f.type) else int if "int" in str(f.type) else str
+            default = ml_collections.config_dict.placeholder(kind)
+        values[f.name] = default
+    return ml_collections.ConfigDict(values)
+
+
+def apply_objective_defaults(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Sets `config.loss` to the objective's section and applies its declared defaults (its head,
+    its evaluation score, its loss readings) over the pipeline's."""
+    obj = objectives.get(c.objective)
+    c.loss = loss_section(obj.name)
+    for section, values in obj.defaults.items():
+        for key, value in values.items():
+            if key not in c[section]:
+                raise ValueError(f"objective {obj.name!r} sets {section}.{key}, which the config does not have")
+            c[section][key] = value
+    return c
+
+
+def objective_config(c: ml_collections.ConfigDict, kind: str | None = None):
+    """`config.objective` + `config.loss` -> (Objective, its typed config); errors name the key.
+
+    kind: the pipeline's objective kind ("reward_model", "policy"); another kind is an error that
+    lists the ones this pipeline accepts.
+    """
+    obj = objectives.get(c.objective, kind)
     try:
-        return LossConfig(objective=c.objective, reward_align=c.model.reward_align, **dict(c.loss))
-    except (TypeError, ValueError) as e:  # LossConfig names its field: say which config key that is
-        raise ConfigError(f"config.loss: {e}".replace("LossConfig.", "loss.")) from e
+        return obj, obj.config(**dict(c.loss))
+    except ConfigError as e:  # an unknown config.loss key: often config.objective changed on the command line
+        raise ConfigError(f"{e} (config.loss is the objective's own section: start from its config file, e.g. "
+                          f"configs/{obj.name}.py, rather than overriding config.objective)") from e
+    except (TypeError, ValueError) as e:  # the config class names its field: say which key that is
+        cls = obj.config_cls.__name__
+        raise ConfigError(f"config.loss: {e}".replace(f"{cls}.", "loss.")) from e
+
+
+def optimizer_config(t: ml_collections.ConfigDict) -> OptimizerConfig:
+    try:
+        return OptimizerConfig(learning_rate=float(t.learning_rate), steps=t.steps, warmup_steps=t.warmup_steps,
+                               final_lr_fraction=float(t.final_lr_fraction), weight_decay=float(t.weight_decay),
+                               grad_clip=float(t.grad_clip))
+    except ValueError as e:
+        raise ConfigError(f"config.train: {e}".replace("OptimizerConfig.", "train.")) from e
+
+
+def loop_options(t: ml_collections.ConfigDict) -> LoopOptions:
+    for key in ("steps", "log_every"):
+        if t[key] < 1:
+            raise ConfigError(f"train.{key}={t[key]} must be >= 1")
+    return LoopOptions(num_steps=t.steps, log_every=t.log_every, eval_every=t.eval_every,
+                       checkpoint_every=t.checkpoint_every, max_consecutive_bad_steps=t.max_consecutive_bad_steps,
+                       progress=t.progress)
+
+
+def step_options(t: ml_collections.ConfigDict) -> StepOptions:
+    if t.accum_steps < 1:
+        raise ConfigError(f"train.accum_steps={t.accum_steps} must be >= 1")
+    if t.batch_size % t.accum_steps:
+        raise ConfigError(f"train.batch_size={t.batch_size} is not a multiple of train.accum_steps={t.accum_steps}")
+    return StepOptions(accum_steps=t.accum_steps)
+
+
+def data_config(d: ml_collections.ConfigDict) -> DataConfig:
+    """`config.data` -> DataConfig (the ground-truth tasks get one task config per split)."""
+    synthetic = stories = None
+    if d.format == "synthetic":
+        synthetic = {}
+        for i, name in enumerate(SPLITS):  # each split from its own data seed; eval splits their own size
+            scfg = synthetic_config(d.synthetic, data_seed=d.synthetic.data_seed + i)
+            synthetic[name] = scfg if name == "train" else dataclasses.replace(
+                scfg, num_examples=d.synthetic.num_eval_examples)
+    elif d.format == "stories":
+        stories = {name: stories_config(d.stories, name) for name in SPLITS}
+    try:
+        return DataConfig(format=d.format, path=d.path, tfds_dir=d.tfds_dir, max_len=d.max_len,
+                          pad_to_multiple=d.pad_to_multiple or None, on_bad_row=d.on_bad_row,
+                          max_bad_fraction=float(d.max_bad_fraction), check_roundtrip=d.check_roundtrip,
+                          max_pairs={name: d[f"max_{name}_pairs"] for name in SPLITS}, split_by=d.split_by,
+                          validation_path=d.validation_path, test_path=d.test_path, synthetic=synthetic,
+                          stories=stories, stories_cache_dir=d.stories.cache_dir)
+    except ValueError as e:  # DataConfig names the data.* key
+        raise ConfigError(str(e)) from e
 
 
 def synthetic_config(d: ml_collections.ConfigDict, data_seed: int):
@@ -126,94 +226,3 @@ def stories_config(d: ml_collections.ConfigDict, split: str):
         raise ConfigError(f"data.stories: {e}".replace("StoriesConfig.", "data.stories.")) from e
 
 
-REWARD_VARIANTS = ("", "tiny", "hh", "hh_tiny", "synthetic", "synthetic_tiny", "paper")
-
-
-def reward_model_config(objective: str, variant: str | None) -> ml_collections.ConfigDict:
-    """The reward-modelling pipeline's config; `configs/{ava_p,ava_d,bt,pt}.py` call this.
-
-    Variants: "" (the stories task, a real-text ground truth, on the pretrained TinyStories-260K:
-    CPU minutes), "tiny" (a few steps on a few stories pairs, for the tests), "hh" (bundled HH-RLHF
-    harmless), "hh_tiny", "synthetic" (the ground-truth token MDP, a scratch model), "synthetic_tiny",
-    "paper" (GPT-2 117M or SmolLM2-135M from --config.model.path, accelerator, HH-RLHF).
-    """
-    variant = variant or ""
-    if variant not in REWARD_VARIANTS:
-        raise ValueError(f"unknown variant {variant!r} for objective {objective!r}; known: {REWARD_VARIANTS}")
-    c = base_config()
-    c.pipeline = "reward_model"
-    c.objective = objective
-    # The baselines use their own weighting: none for BT (scalar reward at the last token), the
-    # preference attention for PT; AVA keeps the TQR weighting (method.md section 1).
-    c.model.reward_weighting = "none" if objective == "bt" else "attention"
-    c.model.scratch = ml_collections.ConfigDict(dict(arch="llama", vocab_size=512, d_model=64, n_layers=2,
-                                                     n_heads=4, n_kv_heads=2, d_ff=172, max_seq_len=512))
-    c.loss = ml_collections.ConfigDict(dict(
-        gamma=1.0, lam=1.0, beta=1.0, likelihood="boltzmann", cer="sigmoid", include_prompt=False,
-        use_neg=True, use_irl=True, use_cer=True, neg_floor=ml_collections.config_dict.placeholder(float),
-        cer_weight=1.0, normalize="token", td_terminal="none", cer_score="last"))
-    c.data = ml_collections.ConfigDict(dict(
-        format="hh", path="", tfds_dir="", max_len=256, pad_to_multiple=64, on_bad_row="skip",
-        max_bad_fraction=0.01, check_roundtrip=True, max_train_pairs=0, max_validation_pairs=0,
-        max_test_pairs=0,
-        # "auto": by prompt hash, or by row hash (with a warning) when prompts are too few to split;
-        # "prompt" | "row" force one (ava_jax.data.splits.split_preferences).
-        split_by="auto",
-        # Your own splits, same format as data.path (then the train file): used as given, not hashed.
-        validation_path="", test_path=""))
-    c.data.synthetic = ml_collections.ConfigDict(dict(vocab_size=16, prompt_len=4, response_len=8,
-                                                      bt_temperature=2.0, num_examples=2048,
-                                                      num_eval_examples=1024, seed=0, data_seed=100))
-    # The stories task (docs/stories.md): TinyStories-260K continuations, gold per-token rewards from
-    # a shipped word rule; generated once and cached under data.stories.cache_dir (default
-    # $AVA_JAX_CACHE or ~/.cache/ava_jax).
-    c.data.stories = ml_collections.ConfigDict(dict(num_pairs=4096, num_eval_pairs=1024, response_len=48,
-                                                    temperature=1.0, bt_temperature=0.375, seed=0, data_seed=0,
-                                                    cache_dir=""))
-    c.train = ml_collections.ConfigDict(dict(
-        steps=300, batch_size=16, accum_steps=1, learning_rate=1e-4, warmup_steps=30, final_lr_fraction=0.1,
-        weight_decay=0.01, grad_clip=1.0, log_every=10, eval_every=100, checkpoint_every=100,
-        max_consecutive_bad_steps=5, progress=True))
-    c.eval = ml_collections.ConfigDict(dict(score="last", batch_size=64))
-    if objective == "ava_p":
-        # AVA-p's defaults, chosen on the stories validation split (docs/lab.md): CER on the summed
-        # reward means, counted once per pair in the Bradley-Terry form, a terminal TD target, the
-        # weighting on the reward head only, and the summed reward means as the score. As printed
-        # (token / sigmoid / last / none / both / last) it scored 57.5% there against 71.6%.
-        c.loss.update(normalize="sequence", cer="logsigmoid", cer_score="sum", td_terminal="zero")
-        c.model.weight_heads = "reward"
-        c.eval.score = "sum"
-    # The main job keeps its checkpoints (and resumes from them); the quick variants write nothing.
-    c.workdir = f"runs/{objective}" if variant in ("", "hh", "paper") else ""
-    if variant in ("", "tiny"):
-        c.data.format = "stories"
-        c.data.pad_to_multiple = 16
-        c.train.update(steps=300, batch_size=16, learning_rate=1e-3, warmup_steps=30, eval_every=100)
-        if variant == "tiny":
-            c.data.stories.update(num_pairs=64, num_eval_pairs=32)
-            c.train.update(steps=6, batch_size=8, warmup_steps=2, log_every=2, eval_every=0, checkpoint_every=0)
-            c.eval.batch_size = 16
-    elif variant in ("synthetic", "synthetic_tiny"):
-        c.model.path = "scratch"
-        c.data.format = "synthetic"
-        c.data.pad_to_multiple = 16
-        # Learnable at CPU scale (docs/table1.md, "the synthetic lab"): 6 content tokens, 8,192 pairs
-        # and 1,000 steps of 128 bring PT within 3 points of the Bayes ceiling (0.80) in ~2 minutes;
-        # with 16 tokens and 2,048 pairs every method sat near 56%.
-        c.data.synthetic.update(vocab_size=8, num_examples=8192, num_eval_examples=4096)
-        c.train.update(steps=1000, batch_size=128, learning_rate=3e-3, warmup_steps=50, eval_every=250,
-                       checkpoint_every=250)
-        if variant == "synthetic_tiny":
-            c.data.synthetic.update(num_examples=512, num_eval_examples=256)
-            c.train.update(steps=60, batch_size=32, eval_every=0, checkpoint_every=0, log_every=10)
-    elif variant == "hh_tiny":
-        c.data.update(max_len=128, max_train_pairs=64, max_validation_pairs=32, max_test_pairs=32)
-        c.train.update(steps=6, batch_size=8, warmup_steps=2, log_every=2, eval_every=0, checkpoint_every=0)
-        c.eval.batch_size = 16
-    elif variant == "paper":
-        c.model.path = ""  # required: a local GPT-2 117M HF dir or the SmolLM2-135M GGUF
-        c.model.dtype = "bfloat16"
-        c.data.update(max_len=512)
-        c.train.update(steps=2000, batch_size=32, learning_rate=1e-5, warmup_steps=100, eval_every=250,
-                       checkpoint_every=250)
-    return c

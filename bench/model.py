@@ -85,7 +85,7 @@ def bench_jax(model: TQR, B, T, reps, prompt_len=32, new=64):
 
     t_fwd = timed(lambda: fwd(state, tokens).block_until_ready(), reps)
 
-    def loss_fn(m, batch, rng):  # the LM loss in vocabulary chunks: no [B, T, V] logits
+    def loss_fn(m, batch, rng, frozen):  # the LM loss in vocabulary chunks: no [B, T, V] logits
         h = m.backbone(batch["tokens"], logits=False).hidden
         return masked_nll(m.backbone.token_logprobs(h, batch["tokens"]), batch["mask"])
 

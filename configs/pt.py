@@ -7,8 +7,8 @@
   python -m ava_jax.main --config=configs/pt.py:paper --config.model.path=/path/to/gpt2 --config.workdir=runs/pt
 Any field can be overridden, e.g. --config.train.steps=1000 --config.workdir=runs/pt (resumes if it exists).
 """
-from ava_jax.config import reward_model_config
+from ava_jax.pipelines.reward_model import default_config
 
 
 def get_config(arg=None):
-    return reward_model_config("pt", arg)
+    return default_config("pt", arg)

@@ -401,13 +401,14 @@ def _varied_rows(n=200, per_prompt=2, start=0):
 
 
 def _prepare(**data_keys):
-    from ava_jax.config import reward_model_config, resolve_path
-    from ava_jax.pipelines.reward_model import prepare_data
+    from ava_jax.config import data_config, resolve_path
+    from ava_jax.data.load import load_pair_splits
+    from ava_jax.pipelines.reward_model import default_config as reward_model_config
     from ava_jax.tokenizers import load_tokenizer
     c = reward_model_config("bt", "hh_tiny")
     c.data.update(format="jsonl", max_train_pairs=0, max_validation_pairs=0, max_test_pairs=0,
                   **data_keys)
-    return prepare_data(c, load_tokenizer(resolve_path("bundled:tinystories-260k")))
+    return load_pair_splits(data_config(c.data), load_tokenizer(resolve_path("bundled:tinystories-260k")))
 
 
 def test_few_prompts_split_by_row_hash_and_say_so(tmp_path, caplog):

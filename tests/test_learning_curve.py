@@ -10,7 +10,7 @@ from ava_jax.pipelines import learning_curve as lc
 
 
 def test_overrides_parse_and_reject_unknown_keys():
-    c = lc.run_config("bt", 256, 3, variant="synthetic_tiny", steps=7,
+    c = lc.run_config("ava_p", 256, 3, variant="synthetic_tiny", steps=7,
                       overrides=[lc.parse_override("train.learning_rate=2"),
                                  lc.parse_override("train.batch_size=8"), lc.parse_override("loss.use_neg=false")])
     assert (c.seed, c.data.synthetic.num_examples, c.train.steps, c.train.batch_size) == (3, 256, 7, 8)
@@ -19,6 +19,9 @@ def test_overrides_parse_and_reject_unknown_keys():
                          overrides=[("train.batch_size", 64)]).train.steps == 8
     with pytest.raises(KeyError, match="train.bacth_size"):
         lc.run_config("bt", 256, 0, variant="synthetic_tiny", overrides=[("train.bacth_size", 8)])
+    # BT has no AVA switches: its config.loss is empty, so an AVA key is an error, not silently ignored.
+    with pytest.raises(KeyError, match="loss.use_neg"):
+        lc.run_config("bt", 256, 0, variant="synthetic_tiny", overrides=[("loss.use_neg", False)])
 
 
 def test_learning_curve_writes_outputs(tmp_path):

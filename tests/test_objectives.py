@@ -8,13 +8,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ava_jax.config import reward_model_config
 from ava_jax.data import DataError, split_hh
-from ava_jax.losses import LossConfig
+from ava_jax import objectives
+from ava_jax.losses import AvaConfig
 from ava_jax.models import HeadConfig, TQR
-from ava_jax.objectives import make_loss_fn
 from ava_jax.pipelines import reward_model
-from ava_jax.train.loop import LoopOptions, NonFiniteError, train_loop
+from ava_jax.train.loop import IteratorBatches, LoopOptions, NonFiniteError, train_loop
 from ava_jax.train.metrics import MetricWriter
 from ava_jax.train.step import TrainState
 
@@ -38,10 +37,10 @@ def _pairs(B=4, T=12, V=97, seed=0):
 def test_padding_tokens_change_no_loss_and_no_gradient(objective, weighting):
     model = TQR(tiny_config("llama"), HeadConfig(reward_weighting=weighting), rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model, nnx.Param)
-    loss_fn = make_loss_fn(LossConfig(objective=objective))
+    loss_fn = objectives.get(objective).loss_fn()
 
     def f(p, batch):
-        return loss_fn(nnx.merge(graphdef, p), batch, None)[0]
+        return loss_fn(nnx.merge(graphdef, p), batch, None, {})[0]
 
     batch = _pairs()
     other = jax.tree.map(lambda x: x, batch)
@@ -62,10 +61,10 @@ def test_padding_tokens_change_no_loss_and_no_gradient(objective, weighting):
 
 def test_swapping_chosen_and_rejected_flips_the_margin():
     model = TQR(tiny_config("llama"), rngs=nnx.Rngs(1))
-    loss_fn = make_loss_fn(LossConfig(objective="ava_p"))
+    loss_fn = objectives.get("ava_p").loss_fn()
     batch = _pairs(seed=3)
-    _, m1 = loss_fn(model, batch, None)
-    _, m2 = loss_fn(model, {"chosen": batch["rejected"], "rejected": batch["chosen"]}, None)
+    _, m1 = loss_fn(model, batch, None, {})
+    _, m2 = loss_fn(model, {"chosen": batch["rejected"], "rejected": batch["chosen"]}, None, {})
     assert float(m1["margin"][0]) == pytest.approx(-float(m2["margin"][0]), rel=1e-5)
     assert abs(float(m1["margin"][0])) > 0
 
@@ -85,7 +84,7 @@ def test_any_jsonl_file_trains(tmp_path):
             for name in ("train", "validation", "test") for r in splits[name][:60]]
     path = tmp_path / "prefs.jsonl"
     _write_jsonl(path, rows)
-    c = reward_model_config("bt", "hh_tiny")
+    c = reward_model.default_config("bt", "hh_tiny")
     c.data.update(path=str(path), format="jsonl", max_train_pairs=64, max_validation_pairs=32, max_test_pairs=32)
     c.train.progress = False
     result = reward_model.run(c)
@@ -115,7 +114,7 @@ def test_loop_stops_after_consecutive_nonfinite_steps():
 
     state = TrainState(step=jnp.int32(0), params={}, opt_state={}, bad_steps=jnp.int32(0))
     with pytest.raises(NonFiniteError, match=r"3 consecutive steps .* \[3, 4, 5\]"):
-        train_loop(step, state, iter(range(100)), jax.random.key(0),
+        train_loop(step, state, IteratorBatches(iter(range(100))), jax.random.key(0),
                    LoopOptions(num_steps=20, log_every=1, max_consecutive_bad_steps=3, progress=False),
                    writer=MetricWriter(None))
 
@@ -150,7 +149,7 @@ def _reward_head_grad_norm(model, cfg, batch, part):
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
     def term(p):
-        _, metrics = make_loss_fn(cfg)(nnx.merge(graphdef, p, rest), batch, None)
+        _, metrics = objectives.get("ava_p").loss_fn(cfg)(nnx.merge(graphdef, p, rest), batch, None, {})
         total, norm = metrics[f"part_{part}"]
         return total / norm
     grads = jax.grad(term)(params)["reward_head"]
@@ -167,7 +166,7 @@ def test_sequence_normalisation_gives_cer_a_say_on_the_reward_head():
     ratios = {}
     for normalize, sigma_init in (("token", None), ("sequence", None), ("sequence", 4.0)):
         model, tok = load_pretrained(resolve_path("bundled:tinystories-260k"), heads=HeadConfig(sigma_init=sigma_init))
-        cfg = LossConfig(objective="ava_p", cer="logsigmoid", normalize=normalize)
+        cfg = AvaConfig(cer="logsigmoid", normalize=normalize)
         batch = _story_batch(tok)
         ratios[normalize, sigma_init] = (_reward_head_grad_norm(model, cfg, batch, "td")
                                          / _reward_head_grad_norm(model, cfg, batch, "cer"))
@@ -181,15 +180,15 @@ def test_loss_parts_add_up_and_lm_loglik_is_logged():
     model = TQR(cfg_model, HeadConfig(), rngs=nnx.Rngs(0))
     batch = _pairs()
     for normalize in ("token", "sequence"):
-        cfg = LossConfig(objective="ava_p", normalize=normalize, td_terminal="zero", neg_floor=-3.0)
-        loss, m = make_loss_fn(cfg)(model, batch, None)
+        cfg = AvaConfig(normalize=normalize, td_terminal="zero", neg_floor=-3.0)
+        loss, m = objectives.get("ava_p").loss_fn(cfg)(model, batch, None, {})
         parts = [k for k in m if k.startswith("part_")]
         assert set(parts) == {"part_lik_chosen", "part_lik_rejected", "part_kl", "part_td", "part_cer"}
         np.testing.assert_allclose(-sum(float(m[k][0]) for k in parts) / float(m["loss"][1]), float(loss), rtol=1e-5)
         np.testing.assert_allclose(sum(float(m[k.replace("part_", "share_")][0]) for k in parts), 1.0, rtol=1e-5)
     # With alpha = beta = 1 and no Q weighting the LM log-likelihood equals the Boltzmann likelihood.
     model = TQR(cfg_model, HeadConfig(reward_weighting="none"), rngs=nnx.Rngs(0))
-    _, m = make_loss_fn(LossConfig(objective="ava_p"))(model, batch, None)
+    _, m = objectives.get("ava_p").loss_fn()(model, batch, None, {})
     for side in ("chosen", "rejected"):
         np.testing.assert_allclose(np.asarray(m[f"lm_loglik_{side}"]), np.asarray(m[f"lik_{side}"]), rtol=1e-5)
 
@@ -203,14 +202,14 @@ def test_vocabulary_chunks_give_the_same_loss_metrics_and_gradients(objective, h
     """TQR.q_summary (no [B, T, V] arrays) equals the AVRIL terms read from full Q rows."""
     model = TQR(tiny_config("llama", tie_embeddings=tie), HeadConfig(**heads), rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model, nnx.Param)
-    cfg = LossConfig(objective=objective, beta=beta, normalize="sequence", cer="logsigmoid")
+    cfg = AvaConfig(beta=beta, normalize="sequence", cer="logsigmoid")
     batch = _pairs()
     results = []
     for chunks in (True, False):
-        loss_fn = make_loss_fn(cfg, vocab_chunks=chunks)
+        loss_fn = objectives.get(objective).loss_fn(cfg, vocab_chunks=chunks)
 
         def f(p):
-            return loss_fn(nnx.merge(graphdef, p), batch, None)
+            return loss_fn(nnx.merge(graphdef, p), batch, None, {})
 
         results.append(jax.jit(jax.value_and_grad(f, has_aux=True))(params))
         jaxpr = jax.make_jaxpr(jax.grad(lambda p: f(p)[0]))(params).jaxpr

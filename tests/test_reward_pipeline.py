@@ -11,7 +11,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from ava_jax.config import reward_model_config
+from ava_jax.pipelines.reward_model import default_config as reward_model_config
 from ava_jax.pipelines import reward_model
 from ava_jax.train.checkpoint import RunCheckpointer
 

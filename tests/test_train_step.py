@@ -9,12 +9,12 @@ from flax import nnx
 from ava_jax import sharding as shd
 from ava_jax.losses.lm import lm_loss
 from ava_jax.models import TQR
-from ava_jax.train.step import StepOptions, grads_and_metrics, init_train_state, make_train_step
+from ava_jax.train.step import StepOptions, freeze, grads_and_metrics, init_train_state, make_train_step
 
 from conftest import tiny_config
 
 
-def lm_loss_fn(model, batch, rng):
+def lm_loss_fn(model, batch, rng, frozen=None):
     out = model.backbone(batch["tokens"], batch["mask"])
     return lm_loss(out.logits, batch["tokens"], batch["mask"])
 
@@ -62,8 +62,8 @@ def test_train_step_decreases_loss_and_skips_nonfinite():
         losses.append(float(metrics["loss"][0] / metrics["loss"][1]))
     assert losses[-1] < losses[0] - 0.1, losses
 
-    def nan_loss(model, batch, rng):
-        loss, metrics = lm_loss_fn(model, batch, rng)
+    def nan_loss(model, batch, rng, frozen):
+        loss, metrics = lm_loss_fn(model, batch, rng, frozen)
         s, c = metrics["loss"]
         return loss * jnp.nan, {"loss": (s * jnp.nan, c)}
 
@@ -73,6 +73,44 @@ def test_train_step_decreases_loss_and_skips_nonfinite():
     assert float(metrics["skipped"][0]) == 1.0 and int(after.bad_steps) == 1 and int(after.step) == 6
     for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after.params)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_frozen_models_are_arguments_not_constants_and_stay_unchanged():
+    """A loss reading a frozen reference (a KL to it, as DPO and PPO do) trains the policy only: the
+    reference's parameters are arguments of the compiled step (not baked in as constants), are not
+    donated, and are bitwise unchanged after several steps; a new reference reuses the program."""
+    mesh = shd.make_mesh()
+    batch = _batch()
+
+    def kl_to_reference(model, batch, rng, frozen):
+        logp = jax.nn.log_softmax(model.backbone(batch["tokens"], batch["mask"]).logits)
+        ref = jax.nn.log_softmax(frozen["reference"].backbone(batch["tokens"], batch["mask"]).logits)
+        m = batch["mask"][..., None]
+        total = jnp.sum(jnp.where(m, jnp.exp(logp) * (logp - ref), 0.0))
+        count = jnp.sum(batch["mask"], dtype=jnp.float32)
+        return total / count, {"loss": (total, count)}
+
+    graphdef, state = init_train_state(TQR(tiny_config("llama"), rngs=nnx.Rngs(0)), optax.adam(1e-2), mesh)
+    frozen = freeze({"reference": TQR(tiny_config("llama"), rngs=nnx.Rngs(1))}, mesh)
+    before = jax.tree.map(lambda x: np.array(x, copy=True), frozen.params)
+    step = make_train_step(graphdef, kl_to_reference, optax.adam(1e-2), mesh, state, batch, frozen=frozen)
+    losses = []
+    for _ in range(4):
+        state, metrics = step(state, batch, jax.random.key(0))
+        losses.append(float(metrics["loss"][0] / metrics["loss"][1]))
+    assert losses[-1] < losses[0], losses  # the policy moves toward the reference
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(frozen.params)):
+        assert not b.is_deleted()  # not donated
+        np.testing.assert_array_equal(a, np.asarray(b))
+    lowered = step.lower(state, batch, jax.random.key(0))
+    n_frozen = len(jax.tree.leaves(frozen.params))
+    assert len(jax.tree.leaves(lowered.args_info[0][3])) == n_frozen  # passed as arguments
+    assert not any(info.donated for info in jax.tree.leaves(lowered.args_info[0][3]))
+    # Another reference of the same shapes runs through the same compiled program.
+    step.frozen = freeze({"reference": TQR(tiny_config("llama"), rngs=nnx.Rngs(2))}, mesh)
+    misses = step.jitted._cache_size()
+    state, _ = step(state, batch, jax.random.key(0))
+    assert step.jitted._cache_size() == misses
 
 
 def test_indivisible_batch_errors():

@@ -10,7 +10,6 @@ import numpy as np
 
 from ava_jax.data import synthetic as syn
 from ava_jax.eval.intermediate import token_reward_means
-from ava_jax.losses import LossConfig
 
 
 def response_positions(tokens_NxT: np.ndarray, mask_NxT: np.ndarray, prompt_len_N: np.ndarray) -> np.ndarray:
@@ -19,7 +18,7 @@ def response_positions(tokens_NxT: np.ndarray, mask_NxT: np.ndarray, prompt_len_
     return np.asarray(mask_NxT, bool) & (pos_1xT >= np.asarray(prompt_len_N)[:, None])
 
 
-def ground_truth_diagnostics(split: str, prefs, graphdef, params, cfg: LossConfig, arrays, *, pad_id: int,
+def ground_truth_diagnostics(split: str, prefs, graphdef, params, reader, arrays, *, pad_id: int,
                              batch_size: int) -> dict[str, float]:
     """Bayes ceiling, prefix-pair accuracy and Spearman(mu_t, r*_t) of a trained model on one split.
 
@@ -27,7 +26,8 @@ def ground_truth_diagnostics(split: str, prefs, graphdef, params, cfg: LossConfi
       split: name used as the key prefix.
       prefs: the split's ground-truth preferences.
       graphdef, params: the trained model.
-      cfg: its LossConfig (objective and reward_align decide where mu_t is read).
+      reader: the objective's per-transition reward reader (`Objective.reward_reader`), which
+        decides where mu_t is read (e.g. AVA's reward_align).
       arrays: the split's PairArrays as the model saw them.
       pad_id, batch_size: batching of the forward passes.
 
@@ -35,8 +35,8 @@ def ground_truth_diagnostics(split: str, prefs, graphdef, params, cfg: LossConfi
       {f"{split}_bayes_optimal_accuracy", f"{split}_prefix_accuracy", f"{split}_reward_spearman"}.
     """
     length = prefs.chosen_tokens_NxT.shape[1]
-    mu_c = token_reward_means(graphdef, params, cfg, arrays.chosen, length, pad_id, batch_size)
-    mu_r = token_reward_means(graphdef, params, cfg, arrays.rejected, length, pad_id, batch_size)
+    mu_c = token_reward_means(graphdef, params, reader, arrays.chosen, length, pad_id, batch_size)
+    mu_r = token_reward_means(graphdef, params, reader, arrays.rejected, length, pad_id, batch_size)
     response_len = getattr(prefs, "response_len", None) or prefs.task.cfg.response_len
     pairs = syn.make_prefix_pairs(prefs, response_len=response_len)
     mask = np.concatenate([response_positions(prefs.chosen_tokens_NxT, prefs.chosen_mask_NxT, prefs.chosen_prompt_len_N),

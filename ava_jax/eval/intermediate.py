@@ -1,4 +1,8 @@
-"""Per-token reward means (and sigmas) of a trained model, for plots and the synthetic diagnostics."""
+"""Per-token reward means (and sigmas) of a trained model, for plots and the ground-truth diagnostics.
+
+`reader` is an objective's per-transition reward reader (`objectives.get(name).reward_reader(cfg)`):
+`reader(model, side) -> (mu_BxN, sigma_BxN, mask_BxN)`, transition t's action being token t+1.
+"""
 from __future__ import annotations
 
 import jax
@@ -7,33 +11,13 @@ import numpy as np
 from flax import nnx
 
 from ava_jax.data import make_dataset
-from ava_jax.losses import LossConfig, avril_terms
-from ava_jax.models.positions import token_positions
-from ava_jax.objectives import avril_inputs
 
 
-def _transition_rewards(model, cfg: LossConfig, side):
-    """(mu_BxN, sigma_BxN, mask_BxN): the reward of transition t, whose action is token t+1.
-
-    AVA objectives read it through `avril_terms`, so `reward_align` is respected; the baselines'
-    scalar head at position t+1 is taken as the reward of token t+1 (it has seen that token), with
-    sigma 0. mu is zero outside the response transitions.
-    """
-    out = model(side["tokens_BxT"], side["mask_BxT"])
-    if cfg.objective in ("ava_p", "ava_d"):
-        terms = avril_terms(*avril_inputs(out, side), cfg)
-        mask_BxN = terms["mask_BxN"]
-        return jnp.where(mask_BxN, terms["mu_BxN"], 0.0), terms["sigma_BxN"], mask_BxN
-    response_BxT, _ = token_positions(side["tokens_BxT"], side["mask_BxT"], side["prompt_len_B"])
-    mask_BxN = response_BxT[:, 1:]
-    mu_BxN = jnp.where(mask_BxN, out.reward_mean[:, 1:], 0.0)
-    return mu_BxN, jnp.zeros_like(mu_BxN), mask_BxN
-
-
-def response_rewards(graphdef, params, cfg: LossConfig, side: dict):
+def response_rewards(graphdef, params, reader, side: dict):
     """Per-transition reward means and sigmas of one batch side, for plots.
 
     Args:
+      reader: the objective's reward reader.
       side: {"tokens_BxT", "mask_BxT", "prompt_len_B"} arrays (one side of a pair batch).
 
     Returns:
@@ -41,15 +25,15 @@ def response_rewards(graphdef, params, cfg: LossConfig, side: dict):
       response transitions. For the baselines sigma is 0.
     """
     side = {k: jnp.asarray(v) for k, v in side.items()}
-    return tuple(np.asarray(x) for x in _transition_rewards(nnx.merge(graphdef, params), cfg, side))
+    return tuple(np.asarray(x) for x in reader(nnx.merge(graphdef, params), side))
 
 
-def token_reward_means(graphdef, params, cfg: LossConfig, arrays, length: int, pad_id: int, batch_size: int):
+def token_reward_means(graphdef, params, reader, arrays, length: int, pad_id: int, batch_size: int):
     """mu[n, t] = the model's reward mean for the transition whose action is token t ([N, length]),
-    aligned with the synthetic task's `true_reward[n, t]` (0 off the response)."""
+    aligned with the ground-truth tasks' `true_reward[n, t]` (0 off the response)."""
     @jax.jit
     def one(params, side):
-        mu_BxN = _transition_rewards(nnx.merge(graphdef, params), cfg, side)[0]
+        mu_BxN = reader(nnx.merge(graphdef, params), side)[0]
         return jnp.pad(mu_BxN, ((0, 0), (1, 0)))
 
     ds = make_dataset(arrays, batch_size, 0, pad_id=pad_id, pad_to_multiple=None, shuffle=False, num_epochs=1,

@@ -8,12 +8,14 @@ from ava_jax.losses.ava import (
 )
 from ava_jax.losses.avril import AvrilInputs, QSummary, avril_terms, last_transition, transition_masks
 from ava_jax.losses.baselines import bradley_terry_loss, gather_last, preference_transformer_loss
-from ava_jax.losses.config import LossConfig
+from ava_jax.losses.config import AvaConfig, BradleyTerryConfig, PreferenceTransformerConfig
 
 __all__ = [
     "AvrilInputs",
     "QSummary",
-    "LossConfig",
+    "AvaConfig",
+    "BradleyTerryConfig",
+    "PreferenceTransformerConfig",
     "avril_terms",
     "ava_d_from_terms",
     "ava_d_loss",

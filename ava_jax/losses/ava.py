@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from ava_jax.losses.avril import AvrilInputs, avril_terms
-from ava_jax.losses.config import LossConfig
+from ava_jax.losses.config import AvaConfig
 
 
 def _f32(x):
@@ -24,7 +24,7 @@ def _pair(total, count):
     return (_f32(total), _f32(count))
 
 
-def _row_parts(terms: dict, cfg: LossConfig, lik_BxN=None) -> dict:
+def _row_parts(terms: dict, cfg: AvaConfig, lik_BxN=None) -> dict:
     """Per-row likelihood, -KL and lambda * TD parts of the objective under `cfg.normalize`.
 
     "token": the per-row sums (the caller divides the batch total by the transition count);
@@ -43,7 +43,7 @@ def _row_parts(terms: dict, cfg: LossConfig, lik_BxN=None) -> dict:
     return {"lik": lik_B, "kl": kl_B, "td": td_B}
 
 
-def _cer_score(terms: dict, cfg: LossConfig):
+def _cer_score(terms: dict, cfg: AvaConfig):
     """The return CER compares: mu_last ("last", as printed) or the sum of mu_t over counted transitions."""
     if cfg.cer_score == "sum":
         return jnp.sum(jnp.where(terms["mask_BxN"], terms["mu_BxN"], 0.0), axis=1)
@@ -73,10 +73,10 @@ def contrastive_expected_return(diff_B, kind: str):
         return jax.nn.sigmoid(diff_B)
     if kind == "logsigmoid":
         return jax.nn.log_sigmoid(diff_B)
-    raise ValueError(f"LossConfig.cer must be 'sigmoid' or 'logsigmoid', got {kind!r}")
+    raise ValueError(f"AvaConfig.cer must be 'sigmoid' or 'logsigmoid', got {kind!r}")
 
 
-def ava_d_from_terms(terms: dict, cfg: LossConfig):
+def ava_d_from_terms(terms: dict, cfg: AvaConfig):
     """AVA-d loss from `avril_terms` output: -F_d per counted transition.
 
     AVA Eq. 13 / method.md section 2: F_d = sum_y sum_t [ lik_t - kl_t + lambda * td_t ];
@@ -114,7 +114,7 @@ def ava_d_from_terms(terms: dict, cfg: LossConfig):
     return loss, metrics
 
 
-def ava_d_loss(inputs: AvrilInputs, cfg: LossConfig):
+def ava_d_loss(inputs: AvrilInputs, cfg: AvaConfig):
     """AVA-d (demonstrations): -F_d averaged per counted transition (AVA Eq. 13).
 
     With gamma = lambda = beta = 1, likelihood="boltzmann" this is the original AVRIL ELBO
@@ -122,7 +122,7 @@ def ava_d_loss(inputs: AvrilInputs, cfg: LossConfig):
 
     Args:
       inputs: AvrilInputs of the demonstrations.
-      cfg: LossConfig.
+      cfg: AvaConfig.
 
     Returns:
       (loss, metrics), see `ava_d_from_terms`.
@@ -130,7 +130,7 @@ def ava_d_loss(inputs: AvrilInputs, cfg: LossConfig):
     return ava_d_from_terms(avril_terms(*inputs, cfg), cfg)
 
 
-def ava_p_from_terms(chosen: dict, rejected: dict, cfg: LossConfig):
+def ava_p_from_terms(chosen: dict, rejected: dict, cfg: AvaConfig):
     """AVA-p loss from the two sides' `avril_terms`: -(F_p + cer_weight * F_c) / normaliser.
 
     method.md section 2:
@@ -138,7 +138,7 @@ def ava_p_from_terms(chosen: dict, rejected: dict, cfg: LossConfig):
       F_c = sum_pairs cer( mu_last(y+) - mu_last(y-) )   (cer_score="sum": sum_t mu_t instead of mu_last)
     normalize="token": sums over the batch, normaliser = counted transitions of y+ plus those
     of y-. normalize="sequence": each side's token terms are averaged over that side, CER is
-    counted once per pair, normaliser = the number of pairs (see LossConfig.normalize).
+    counted once per pair, normaliser = the number of pairs (see AvaConfig.normalize).
 
     Switches: use_neg=False drops -sum lik(y-) (ablation "neg"); use_irl=False drops the KL and TD
     terms of both sides (ablation "irl"); use_cer=False drops F_c (ablation "cer").
@@ -218,13 +218,13 @@ def ava_p_from_terms(chosen: dict, rejected: dict, cfg: LossConfig):
     return loss, metrics
 
 
-def ava_p_loss(chosen: AvrilInputs, rejected: AvrilInputs, cfg: LossConfig):
+def ava_p_loss(chosen: AvrilInputs, rejected: AvrilInputs, cfg: AvaConfig):
     """AVA-p (preference pairs): -(F_p + cer_weight * F_c) per counted transition.
 
     Args:
       chosen: AvrilInputs of y+ (row b pairs with row b of `rejected`).
       rejected: AvrilInputs of y-; T may differ from chosen's.
-      cfg: LossConfig.
+      cfg: AvaConfig.
 
     Returns:
       (loss, metrics), see `ava_p_from_terms`.

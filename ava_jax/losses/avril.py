@@ -17,7 +17,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from ava_jax.losses.config import LossConfig
+from ava_jax.losses.config import AvaConfig
 
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 
@@ -127,7 +127,7 @@ def last_transition(values_BxN, mask_BxN):
 
 
 def avril_terms(q_BxTxV, mu_BxT, sigma_BxT, tokens_BxT, response_mask_BxT, mask_BxT,
-                cfg: LossConfig) -> dict:
+                cfg: AvaConfig) -> dict:
     """Per-transition likelihood, KL and TD log-likelihood (method.md section 2; AVRIL's ELBO terms).
 
     Args:

@@ -1,7 +1,8 @@
-"""LossConfig: the typed, frozen configuration every objective in `ava_jax.losses` reads.
+"""Typed, frozen configurations of the objectives in `ava_jax.losses`: one class per objective family.
 
-The ConfigDict -> LossConfig conversion lives in `ava_jax/config.py`; this module only defines the
-fields and validates them, so a bad value fails at construction with the field's name.
+Each objective of `ava_jax.objectives` names its class; the ConfigDict section `config.loss` holds
+exactly that class's fields (the conversion lives in `ava_jax/config.py`). This module only defines
+the fields and validates them, so a bad value fails at construction with the field's name.
 `alpha` (the Q head's temperature) is a model field, not a loss field.
 """
 from __future__ import annotations
@@ -10,7 +11,6 @@ import dataclasses
 import math
 import numbers
 
-OBJECTIVES = ("ava_d", "ava_p", "bt", "pt")
 LIKELIHOODS = ("boltzmann", "raw_q")
 CERS = ("sigmoid", "logsigmoid")
 REWARD_ALIGNS = ("next", "state")
@@ -20,11 +20,20 @@ CER_SCORES = ("last", "sum")
 
 
 @dataclasses.dataclass(frozen=True)
-class LossConfig:
-    """Objective and its switches (method.md sections 1, 2 and the ablations).
+class BradleyTerryConfig:
+    """Bradley-Terry (method.md section 3): no switches; the score is the reward at the last real token."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PreferenceTransformerConfig:
+    """Preference Transformer (method.md section 3): no switches; the score is sum_t w_t r_t."""
+
+
+@dataclasses.dataclass(frozen=True)
+class AvaConfig:
+    """AVA-p and AVA-d: the AVRIL terms and their switches (method.md sections 1, 2 and the ablations).
 
     Attributes:
-      objective: "ava_d" | "ava_p" | "bt" (Bradley-Terry) | "pt" (Preference Transformer).
       gamma: discount in the TD error delta_t = Q_a(t) - gamma * Q_a(t+1); in [0, 1].
       lam: lambda, weight of the TD log-likelihood; >= 0.
       beta: inverse temperature of the Boltzmann policy; > 0.
@@ -58,7 +67,6 @@ class LossConfig:
         scores, and `eval.score="sum"` reads).
     """
 
-    objective: str = "ava_p"
     gamma: float = 1.0
     lam: float = 1.0
     beta: float = 1.0
@@ -76,17 +84,17 @@ class LossConfig:
     cer_score: str = "last"
 
     def __post_init__(self):
-        for name, allowed in (("objective", OBJECTIVES), ("likelihood", LIKELIHOODS),
+        for name, allowed in (("likelihood", LIKELIHOODS),
                               ("cer", CERS), ("reward_align", REWARD_ALIGNS),
                               ("normalize", NORMALIZES), ("td_terminal", TD_TERMINALS),
                               ("cer_score", CER_SCORES)):
             value = getattr(self, name)
             if value not in allowed:
-                raise ValueError(f"LossConfig.{name} must be one of {allowed}, got {value!r}")
+                raise ValueError(f"AvaConfig.{name} must be one of {allowed}, got {value!r}")
         for name in ("include_prompt", "use_neg", "use_irl", "use_cer"):
             value = getattr(self, name)
             if not isinstance(value, bool):
-                raise TypeError(f"LossConfig.{name} must be a bool, got {value!r}")
+                raise TypeError(f"AvaConfig.{name} must be a bool, got {value!r}")
         self._set_float("gamma", lambda v: 0.0 <= v <= 1.0, "in [0, 1]")
         self._set_float("lam", lambda v: v >= 0.0, ">= 0")
         self._set_float("beta", lambda v: v > 0.0, "> 0")
@@ -98,9 +106,9 @@ class LossConfig:
         value = getattr(self, name)
         # bool is an int subclass; True as a discount is almost surely a config slip.
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise TypeError(f"LossConfig.{name} must be a number, got {value!r}")
+            raise TypeError(f"AvaConfig.{name} must be a number, got {value!r}")
         value = float(value)
         if not math.isfinite(value) or not ok(value):
-            raise ValueError(f"LossConfig.{name} must be finite and {what}, got {value!r}")
+            raise ValueError(f"AvaConfig.{name} must be finite and {what}, got {value!r}")
         # Coerce ints to float so equal configs hash equally (the config is a jit static arg).
         object.__setattr__(self, name, value)

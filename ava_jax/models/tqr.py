@@ -73,7 +73,7 @@ class TQR(nnx.Module):
           out: this model's output (any `vocab` setting); tokens_BxT: the ids it was run on (the
             action at transition t is y_{t+1}; out-of-range pad ids are clipped, their rows are
             masked by the loss).
-          beta: the Boltzmann inverse temperature of the loss (LossConfig.beta).
+          beta: the Boltzmann inverse temperature of the loss (AvaConfig.beta).
 
         Returns:
           (q_a_BxN, beta_lse_BxN, lm_logp_BxN), N = T - 1: Q(s_t, y_{t+1}), logsumexp(beta Q(s_t, .))

@@ -4,7 +4,7 @@
   python launch/learning_curve.py --sizes 512,2048 --seeds 0 --objectives bt,ava_p --steps 300 \\
       --set train.batch_size=64 --set train.learning_rate=2e-3 --out-dir /tmp/lc
 
-Every (size, seed, objective) trains `reward_model_config(objective, "synthetic")` from scratch with
+Every (size, seed, objective) trains `reward_model.default_config(objective, "synthetic")` from scratch with
 `data.synthetic.num_examples = size` and `seed = seed` (the model's initialisation and data order;
 the task and the data samples are fixed by `data.synthetic.seed` / `data_seed`, so every run is
 scored on the same test pairs). Two rows need no network: the Bayes ceiling of the test pairs and
@@ -25,9 +25,10 @@ import time
 import ml_collections
 import numpy as np
 
-from ava_jax.config import reward_model_config
+from ava_jax import config as cfglib
+from ava_jax import objectives as registry
+from ava_jax.data.load import load_pair_splits
 from ava_jax.eval.references import bigram_logistic_regression
-from ava_jax.losses.config import OBJECTIVES
 from ava_jax.pipelines import reward_model
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,7 @@ def run_config(objective: str, size: int, seed: int, *, variant: str = "syntheti
     """The reward-model config of one point of the curve.
 
     Args:
-      objective: one of OBJECTIVES.
+      objective: a reward-model objective (`ava_jax.objectives.names("reward_model")`).
       size: training pairs (data.synthetic.num_examples).
       seed: config.seed.
       variant: "synthetic" or "synthetic_tiny".
@@ -89,7 +90,7 @@ def run_config(objective: str, size: int, seed: int, *, variant: str = "syntheti
     Returns:
       The ConfigDict for reward_model.run.
     """
-    c = reward_model_config(objective, variant)
+    c = reward_model.default_config(objective, variant)
     if c.data.format != "synthetic":
         raise ValueError(f"variant={variant!r} is not a synthetic variant")
     c.data.synthetic.num_examples = int(size)
@@ -106,7 +107,7 @@ def run_config(objective: str, size: int, seed: int, *, variant: str = "syntheti
 
 def reference_rows(c: ml_collections.ConfigDict) -> dict[str, float]:
     """Bayes ceiling, bigram logistic regression and true-return accuracy on `c`'s own train/test pairs."""
-    _, _, extra = reward_model.prepare_data(c, None)
+    _, _, extra = load_pair_splits(cfglib.data_config(c.data))
     test = extra["test_prefs"]
     return {"bayes_ceiling": float(test.bayes_optimal_accuracy),
             "bigram_lr": bigram_logistic_regression(extra["train_prefs"], test),
@@ -134,9 +135,8 @@ def run_learning_curve(sizes=DEFAULT_SIZES, seeds=(0, 1, 2), objectives=DEFAULT_
       "steps": {size: train steps}, "wall_s": {objective: {size: [per seed]}}, plus the settings.
     """
     sizes, seeds, objectives = tuple(int(s) for s in sizes), tuple(int(s) for s in seeds), tuple(objectives)
-    bad = [o for o in objectives if o not in OBJECTIVES]
-    if bad:
-        raise ValueError(f"objectives {bad} are not in {OBJECTIVES}")
+    for o in objectives:
+        registry.get(o, "reward_model")  # an unknown name is an error listing the known ones
     overrides = tuple(overrides)
     t0 = time.perf_counter()
     acc = {o: {str(n): [] for n in sizes} for o in objectives}

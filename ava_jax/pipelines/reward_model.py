@@ -1,6 +1,11 @@
 """The `reward_model` pipeline (paper Table 1): train a TQR reward model on preference pairs with
 AVA-p, AVA-d (chosen halves), Bradley-Terry or the Preference Transformer, evaluate pairwise
 accuracy on validation and test, and checkpoint (latest + best, resumable with the data position).
+
+`default_config(objective, variant)` is its config (`configs/{ava_p,ava_d,bt,pt}.py` call it);
+`run(config)` runs it. The pieces it assembles live in their rooms: the objective in
+`ava_jax.objectives`, data by format in `ava_jax.data.load`, the model in `ava_jax.models.build`,
+run set-up in `ava_jax.train.setup`, evaluation in `ava_jax.eval.reward_model`.
 """
 from __future__ import annotations
 
@@ -12,30 +17,102 @@ import time
 
 import jax
 import ml_collections
-import numpy as np
-import optax
-from flax import nnx
 
 from ava_jax import config as cfglib
+from ava_jax import objectives
 from ava_jax import sharding as shd
-from ava_jax.data import (HH_HARMLESS_BASE_TEST, SPLIT_BY, make_dataset, make_iterator, read_preferences,
-                          split_preferences, tokenize_pairs)
+from ava_jax.data import make_dataset, make_iterator
 from ava_jax.data import synthetic as syn
-from ava_jax.data.ground_truth import pair_arrays
-from ava_jax.data.splits import DEFAULT_FRACTIONS
-from ava_jax.data.validate import ON_BAD_ROW
-from ava_jax.errors import ConfigError, DataError
-from ava_jax.eval.calibration import calibration_metrics, plot_reliability, preference_probability, reliability_bins
-from ava_jax.eval.ground_truth import ground_truth_diagnostics
-from ava_jax.eval.reward import make_pair_scorer, pair_scores, pairwise_metrics
-from ava_jax.models import TQR, param_count
-from ava_jax.objectives import make_loss_fn, make_score_fn
-from ava_jax.train.checkpoint import RunCheckpointer
-from ava_jax.train.loop import LoopOptions, train_loop
-from ava_jax.train.metrics import MetricWriter
-from ava_jax.train.step import StepOptions, init_train_state, make_train_step
+from ava_jax.data.load import load_pair_splits
+from ava_jax.eval.reward_model import RewardModelEvaluator
+from ava_jax.models import param_count
+from ava_jax.models.build import build_tqr
+from ava_jax.train.loop import IteratorBatches
+from ava_jax.train.setup import start_run
 
 log = logging.getLogger(__name__)
+
+KIND = "reward_model"
+VARIANTS = ("", "tiny", "hh", "hh_tiny", "synthetic", "synthetic_tiny", "paper")
+
+
+def default_config(objective: str, variant: str | None = None) -> ml_collections.ConfigDict:
+    """The reward-modelling pipeline's config; `configs/{ava_p,ava_d,bt,pt}.py` call this.
+
+    Variants: "" (the stories task, a real-text ground truth, on the pretrained TinyStories-260K:
+    CPU minutes), "tiny" (a few steps on a few stories pairs, for the tests), "hh" (bundled HH-RLHF
+    harmless), "hh_tiny", "synthetic" (the ground-truth token MDP, a scratch model), "synthetic_tiny",
+    "paper" (GPT-2 117M or SmolLM2-135M from --config.model.path, accelerator, HH-RLHF).
+    """
+    variant = variant or ""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r} for objective {objective!r}; known: {VARIANTS}")
+    objectives.get(objective, KIND)
+    c = cfglib.base_config()
+    c.pipeline = "reward_model"
+    c.objective = objective
+    c.model.scratch = ml_collections.ConfigDict(dict(arch="llama", vocab_size=512, d_model=64, n_layers=2,
+                                                     n_heads=4, n_kv_heads=2, d_ff=172, max_seq_len=512))
+    c.data = ml_collections.ConfigDict(dict(
+        format="hh", path="", tfds_dir="", max_len=256, pad_to_multiple=64, on_bad_row="skip",
+        max_bad_fraction=0.01, check_roundtrip=True, max_train_pairs=0, max_validation_pairs=0,
+        max_test_pairs=0,
+        # "auto": by prompt hash, or by row hash (with a warning) when prompts are too few to split;
+        # "prompt" | "row" force one (ava_jax.data.splits.split_preferences).
+        split_by="auto",
+        # Your own splits, same format as data.path (then the train file): used as given, not hashed.
+        validation_path="", test_path=""))
+    c.data.synthetic = ml_collections.ConfigDict(dict(vocab_size=16, prompt_len=4, response_len=8,
+                                                      bt_temperature=2.0, num_examples=2048,
+                                                      num_eval_examples=1024, seed=0, data_seed=100))
+    # The stories task (docs/stories.md): TinyStories-260K continuations, gold per-token rewards from
+    # a shipped word rule; generated once and cached under data.stories.cache_dir (default
+    # $AVA_JAX_CACHE or ~/.cache/ava_jax).
+    c.data.stories = ml_collections.ConfigDict(dict(num_pairs=4096, num_eval_pairs=1024, response_len=48,
+                                                    temperature=1.0, bt_temperature=0.375, seed=0, data_seed=0,
+                                                    cache_dir=""))
+    c.train = ml_collections.ConfigDict(dict(
+        steps=300, batch_size=16, accum_steps=1, learning_rate=1e-4, warmup_steps=30, final_lr_fraction=0.1,
+        weight_decay=0.01, grad_clip=1.0, log_every=10, eval_every=100, checkpoint_every=100,
+        max_consecutive_bad_steps=5, progress=True))
+    c.eval = ml_collections.ConfigDict(dict(score="last", batch_size=64))
+    # The objective's own config.loss section and its declared defaults (its head, its score), e.g.
+    # no weighting over positions for BT and AVA-p's readings chosen on the stories validation split.
+    cfglib.apply_objective_defaults(c)
+    # The main job keeps its checkpoints (and resumes from them); the quick variants write nothing.
+    c.workdir = f"runs/{objective}" if variant in ("", "hh", "paper") else ""
+    if variant in ("", "tiny"):
+        c.data.format = "stories"
+        c.data.pad_to_multiple = 16
+        c.train.update(steps=300, batch_size=16, learning_rate=1e-3, warmup_steps=30, eval_every=100)
+        if variant == "tiny":
+            c.data.stories.update(num_pairs=64, num_eval_pairs=32)
+            c.train.update(steps=6, batch_size=8, warmup_steps=2, log_every=2, eval_every=0, checkpoint_every=0)
+            c.eval.batch_size = 16
+    elif variant in ("synthetic", "synthetic_tiny"):
+        c.model.path = "scratch"
+        c.data.format = "synthetic"
+        c.data.pad_to_multiple = 16
+        # Learnable at CPU scale (docs/table1.md, "the synthetic lab"): 6 content tokens, 8,192 pairs
+        # and 1,000 steps of 128 bring PT within 3 points of the Bayes ceiling (0.80) in ~2 minutes;
+        # with 16 tokens and 2,048 pairs every method sat near 56%.
+        c.data.synthetic.update(vocab_size=8, num_examples=8192, num_eval_examples=4096)
+        c.train.update(steps=1000, batch_size=128, learning_rate=3e-3, warmup_steps=50, eval_every=250,
+                       checkpoint_every=250)
+        if variant == "synthetic_tiny":
+            c.data.synthetic.update(num_examples=512, num_eval_examples=256)
+            c.train.update(steps=60, batch_size=32, eval_every=0, checkpoint_every=0, log_every=10)
+    elif variant == "hh_tiny":
+        c.data.update(max_len=128, max_train_pairs=64, max_validation_pairs=32, max_test_pairs=32)
+        c.train.update(steps=6, batch_size=8, warmup_steps=2, log_every=2, eval_every=0, checkpoint_every=0)
+        c.eval.batch_size = 16
+    elif variant == "paper":
+        c.model.path = ""  # required: a local GPT-2 117M HF dir or the SmolLM2-135M GGUF
+        c.model.dtype = "bfloat16"
+        c.data.update(max_len=512)
+        c.train.update(steps=2000, batch_size=32, learning_rate=1e-5, warmup_steps=100, eval_every=250,
+                       checkpoint_every=250)
+    return c
 
 
 @dataclasses.dataclass
@@ -52,209 +129,42 @@ class RewardModelResult:
     eos_id: int | None = None  # the tokenizer's EOS id (the synthetic task's EOS without a tokenizer)
 
 
-def prepare_data(c: ml_collections.ConfigDict, tokenizer):
-    """Returns ({split: PairArrays}, pad_id, extra info); extra["split_method"] says how the splits were made.
-
-    split_method: "prompt_hash" or "row_hash" (`split_preferences`, chosen by data.split_by), "files"
-    (data.validation_path and data.test_path given: no hashing), "files+prompt_hash" /
-    "files+row_hash" (one of the two given; the other split hashed out of data.path), or
-    "separate_seeds" (synthetic: each split generated from its own seed), "prompt_hash" (stories:
-    each split's prompts by hash). Ground-truth tasks also put each split's preferences in
-    extra[f"{split}_prefs"] (for the diagnostics; dropped from the result).
-    """
-    d = c.data
-    if d.format in ("synthetic", "stories"):
-        splits, extra = {}, {"split_method": "separate_seeds" if d.format == "synthetic" else "prompt_hash"}
-        for i, name in enumerate(("train", "validation", "test")):
-            if d.format == "synthetic":
-                scfg = cfglib.synthetic_config(d.synthetic, data_seed=d.synthetic.data_seed + i)
-                if name != "train":
-                    scfg = dataclasses.replace(scfg, num_examples=d.synthetic.num_eval_examples)
-                prefs = syn.make_preference_dataset(scfg)
-            else:
-                from ava_jax.data import stories
-                prefs = stories.load_or_make_preferences(cfglib.stories_config(d.stories, name),
-                                                         d.stories.cache_dir or None)
-            splits[name] = pair_arrays(prefs)
-            log.info("%s %s: %d pairs, Bayes-optimal accuracy %.4f", d.format, name, len(splits[name]),
-                     prefs.bayes_optimal_accuracy)
-            extra[f"{name}_bayes_optimal_accuracy"] = prefs.bayes_optimal_accuracy
-            extra[f"{name}_prefs"] = prefs
-        pad = syn.EOS_ID if d.format == "synthetic" else stories.EOS_ID
-        return splits, pad, extra
-    if tokenizer is None:
-        raise ConfigError(f"model.path={c.model.path!r} has no tokenizer; data.format={d.format!r} needs one")
-    if d.split_by not in SPLIT_BY:
-        raise ConfigError(f"data.split_by={d.split_by!r} is not one of {SPLIT_BY}")
-    if d.on_bad_row not in ON_BAD_ROW:
-        raise ConfigError(f"data.on_bad_row={d.on_bad_row!r} is not one of {ON_BAD_ROW}")
-    if not 0.0 <= d.max_bad_fraction <= 1.0:
-        raise ConfigError(f"data.max_bad_fraction={d.max_bad_fraction} must be in [0, 1]")
-    if d.format in ("hh", "jsonl"):
-        rows, method, where = _read_splits(d)
-    elif d.format == "tfds":
-        # Too big to parse at every start: prepared once as an array_record TFDS dataset under
-        # data.tfds_dir (reused while the source file is unchanged), then read back through grain.
-        if not d.path:
-            raise ConfigError("data.format='tfds' needs --config.data.path=FILE (a {prompt, chosen, rejected} JSONL)")
-        for key in ("validation_path", "test_path"):
-            if d[key]:
-                raise ConfigError(f"data.{key} is not supported with data.format='tfds' (it splits data.path by "
-                                  "prompt hash); use data.format='jsonl' for your own splits")
-        if d.split_by == "row":
-            raise ConfigError("data.split_by='row' is not supported with data.format='tfds' (it splits by prompt "
-                              "hash); use data.format='jsonl'")
-        _require_file("path", d.path)
-        from ava_jax.data import tfds_builder
-        builder = tfds_builder.prepare_preferences(
-            d.path, d.tfds_dir or os.path.join(os.path.dirname(os.path.abspath(d.path)), "tfds"),
-            split_fractions={"train": 0.8, "validation": 0.1, "test": 0.1}, on_bad_row=d.on_bad_row,
-            max_bad_fraction=d.max_bad_fraction)
-        rows = {name: tfds_builder.read_tfds_preferences(builder, name) for name in ("train", "validation", "test")}
-        method, where = "prompt_hash", dict.fromkeys(rows, f"data.path={d.path!r}")
-    else:
-        raise ConfigError(f"data.format={d.format!r} is not one of ('hh', 'jsonl', 'tfds', 'synthetic', 'stories')")
-    log.info("splits (%s): %s", method, {k: len(v) for k, v in rows.items()})
-    splits = {}
-    for name in ("train", "validation", "test"):
-        part = rows[name]
-        if d.get(f"max_{name}_pairs"):
-            part = part[: d[f"max_{name}_pairs"]]
-        arrays, rep = tokenize_pairs(part, tokenizer, d.max_len, check_roundtrip=d.check_roundtrip,
-                                     on_bad_row=d.on_bad_row, max_bad_fraction=d.max_bad_fraction)
-        log.info("%s: %d pairs tokenised (%d truncated: %d prompts cut, %d responses cut; bad %s)", name,
-                 rep.n_kept, rep.n_truncated, rep.n_prompt_truncated, rep.n_response_truncated, dict(rep.bad_counts))
-        if len(arrays) == 0:
-            raise DataError(f"{where[name]}: the {name} split has no pairs (split sizes by {method}: "
-                            f"{ {k: len(v) for k, v in rows.items()} }); use a larger file")
-        splits[name] = arrays
-    pad = tokenizer.pad_id if tokenizer.pad_id is not None else (tokenizer.eos_id or 0)
-    return splits, pad, {"split_method": method}
-
-
-def _require_file(key: str, path: str) -> None:
-    if not os.path.isfile(path):
-        what = "is a directory, not a file" if os.path.isdir(path) else "does not exist"
-        raise ConfigError(f"data.{key}={path!r} {what}")
-
-
-def _read_splits(d: ml_collections.ConfigDict):
-    """Reads data.path (the train file when data.validation_path / data.test_path are given) and
-    splits it; a given split file is used as it is. Returns ({split: rows}, split method, {split: source})."""
-    if d.format == "jsonl" and not d.path:
-        raise ConfigError("data.format='jsonl' needs --config.data.path=FILE")
-    files = {"train": ("path", d.path or HH_HARMLESS_BASE_TEST)}
-    files.update({name: (f"{name}_path", d[f"{name}_path"]) for name in ("validation", "test")
-                  if d[f"{name}_path"]})
-    rows = {}
-    for name, (key, path) in files.items():
-        _require_file(key, path)
-        rows[name], report = read_preferences(path, d.format, on_bad_row=d.on_bad_row,
-                                              max_bad_fraction=d.max_bad_fraction)
-        log.info("%s%s: %d rows, %d kept, bad rows by reason %s", "HH-RLHF " if d.format == "hh" else "",
-                 report.path, report.n_rows, report.n_kept, dict(report.bad_counts))
-    where = {name: f"data.{key}={path!r}" for name, (key, path) in files.items()}
-    missing = [name for name in ("validation", "test") if name not in files]
-    if not missing:
-        return rows, "files", where
-    # The default 80/10/10; a split given as a file leaves its 10% to train.
-    names = ("train", *missing)
-    fractions = DEFAULT_FRACTIONS if len(missing) == 2 else (0.9, 0.1)
-    parts, method = split_preferences(rows["train"], fractions, names, split_by=d.split_by,
-                                      source=files["train"][1])
-    for name in missing:
-        where[name] = f"data.path={d.path or 'bundled HH-RLHF'!r} ({name} split by {method})"
-    if len(missing) == 1:
-        given = next(n for n in ("validation", "test") if n in files)
-        log.warning("data.%s_path is given but data.%s_path is not: the %s split is made from data.path=%r by %s "
-                    "(10%% of its rows; train keeps 90%%)", given, missing[0], missing[0], files["train"][1], method)
-        method = f"files+{method}"
-    return {**rows, **parts}, method, where
-
-
-def build_model(c: ml_collections.ConfigDict, vocab_size: int | None = None):
-    """A pretrained backbone (`model.path`) or a scratch one (`model.path="scratch"`, shape in model.scratch)."""
-    heads = cfglib.head_config(c.model)
-    if c.model.path == "scratch":
-        s = c.model.scratch
-        mcfg = cfglib.scratch_model_config(s, vocab_size=vocab_size, dtype=c.model.dtype,
-                                           param_dtype=c.model.param_dtype, remat=c.model.remat,
-                                           attention=c.model.attention)
-        return TQR(mcfg, heads, rngs=nnx.Rngs(c.seed)), None
-    from ava_jax.checkpoints.load import load_pretrained
-    return load_pretrained(cfglib.resolve_path(c.model.path), heads=heads, dtype=c.model.dtype,
-                           param_dtype=c.model.param_dtype, remat=c.model.remat, attention=c.model.attention,
-                           rngs_seed=c.seed)
-
-
-def make_optimizer(t: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    schedule = optax.warmup_cosine_decay_schedule(0.0, t.learning_rate, max(t.warmup_steps, 1),
-                                                  max(t.steps, t.warmup_steps + 1),
-                                                  end_value=t.learning_rate * t.final_lr_fraction)
-    return optax.chain(optax.clip_by_global_norm(t.grad_clip),
-                       optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=t.weight_decay))
-
-
 def run(config: ml_collections.ConfigDict) -> RewardModelResult:
     t0 = time.perf_counter()
-    lcfg = cfglib.loss_config(config)
-    vocab = config.data.synthetic.vocab_size if config.data.format == "synthetic" else None
-    model, tokenizer = build_model(config, vocab)
-    splits, pad_id, extra = prepare_data(config, tokenizer)
+    objective, lcfg = cfglib.objective_config(config, KIND)
+    data_cfg = cfglib.data_config(config.data)
+    vocab = config.data.synthetic.vocab_size if data_cfg.format == "synthetic" else None
+    model, tokenizer = build_tqr(cfglib.backbone_spec(config.model, vocab_size=vocab),
+                                 cfglib.head_config(config.model), config.seed)
+    splits, pad_id, extra = load_pair_splits(data_cfg, tokenizer)
     mesh = shd.make_mesh(**vars(cfglib.mesh_config(config.mesh)))
     t = config.train
-    optimizer = make_optimizer(t)
+    pad_multiple = data_cfg.pad_to_multiple
     with jax.set_mesh(mesh):
-        graphdef, state = init_train_state(model, optimizer, mesh)
         log.info("mesh: %s; %s backbone, %d parameters; objective %s; %d train pairs", shd.describe(mesh),
-                 model.cfg.arch, param_count(model), config.objective, len(splits["train"]))
-        it = make_iterator(splits["train"], t.batch_size, config.seed, pad_id=pad_id,
-                           pad_to_multiple=config.data.pad_to_multiple)
+                 model.cfg.arch, param_count(model), objective.name, len(splits["train"]))
+        batches = IteratorBatches(make_iterator(splits["train"], t.batch_size, config.seed, pad_id=pad_id,
+                                                pad_to_multiple=pad_multiple))
         # Shapes for the step's shardings, from the dataset itself (no second prefetching iterator).
         example = make_dataset(splits["train"], t.batch_size, config.seed, pad_id=pad_id,
-                               pad_to_multiple=config.data.pad_to_multiple)[0]
-        step = make_train_step(graphdef, make_loss_fn(lcfg), optimizer, mesh, state, example,
-                               StepOptions(accum_steps=t.accum_steps))
-        ckpt = RunCheckpointer(config.workdir, best_metric="accuracy") if config.workdir else None
-        if ckpt is not None and ckpt.latest_step() is not None:
-            state = ckpt.restore(state, it)
-            log.info("resuming %s at step %d", config.workdir, int(state.step))
-        scorer = make_pair_scorer(make_score_fn(lcfg, config.eval.score), graphdef)
-
-        def evaluate(split, state):
-            scores = pair_scores(scorer, state.params, splits[split], batch_size=config.eval.batch_size,
-                                 pad_id=pad_id, pad_to_multiple=config.data.pad_to_multiple)
-            return pairwise_metrics(scores), scores
-
-        writer = MetricWriter(config.workdir or None)
-        opts = LoopOptions(num_steps=t.steps, log_every=t.log_every, eval_every=t.eval_every,
-                           checkpoint_every=t.checkpoint_every,
-                           max_consecutive_bad_steps=t.max_consecutive_bad_steps, progress=t.progress)
-        state, _ = train_loop(step, state, it, jax.random.key(config.seed), opts, writer=writer, checkpointer=ckpt,
-                              eval_fn=lambda s: evaluate("validation", s)[0])
+                               pad_to_multiple=pad_multiple)[0]
+        run_ = start_run(model, objective.loss_fn(lcfg), batches, example, mesh=mesh,
+                         optimizer=cfglib.optimizer_config(t), loop=cfglib.loop_options(t),
+                         step_options=cfglib.step_options(t), workdir=config.workdir, best_metric="accuracy")
+        evaluator = RewardModelEvaluator(objective, lcfg, run_.graphdef, splits, score=config.eval.score,
+                                         pad_id=pad_id, batch_size=config.eval.batch_size,
+                                         pad_to_multiple=pad_multiple)
+        state = run_.train(jax.random.key(config.seed), lambda s: evaluator.metrics("validation", s.params))
         results, all_scores = {}, {}
         for split in ("validation", "test"):
-            results[split], scores = evaluate(split, state)
-            all_scores[split] = scores
-            prefs = extra.get(f"{split}_prefs")
-            if lcfg.objective in ("ava_p", "ava_d"):  # is sigma calibrated? (baselines have none)
-                results[split].update(calibration_metrics(
-                    scores, None if prefs is None else prefs.prob_chosen_N))
-                p_N = preference_probability(scores)
-                if config.workdir and split == "test" and not np.isnan(p_N).all():
-                    plot_reliability(reliability_bins(p_N[~np.isnan(p_N)]),
-                                     os.path.join(config.workdir, "reliability_test.png"),
-                                     f"{config.objective}: P(chosen) = Phi(dmu / sigma), test pairs")
-            writer.write(int(state.step), results[split], prefix=f"final_{split}/")
-            if prefs is not None:
-                extra.update(ground_truth_diagnostics(split, prefs, graphdef, state.params, lcfg, splits[split],
-                                                      pad_id=pad_id, batch_size=config.eval.batch_size))
-        writer.close()
-        ckpt_dir = os.path.join(config.workdir, "checkpoints", str(int(state.step))) if ckpt else None
-        if ckpt:
-            ckpt.close()
+            results[split], all_scores[split], diagnostics = evaluator.final(
+                split, state.params, extra.get(f"{split}_prefs"), config.workdir)
+            extra.update(diagnostics)
+            run_.writer.write(int(state.step), results[split], prefix=f"final_{split}/")
+        ckpt_dir = run_.checkpoint_dir
+        run_.close()
     extra = {k: v for k, v in extra.items() if not k.endswith("_prefs")}
-    result = RewardModelResult(config.objective, results, ckpt_dir, time.perf_counter() - t0, extra, graphdef,
+    result = RewardModelResult(objective.name, results, ckpt_dir, time.perf_counter() - t0, extra, run_.graphdef,
                                state.params, splits, all_scores,
                                tokenizer.eos_id if tokenizer is not None else syn.EOS_ID)
     if config.workdir:

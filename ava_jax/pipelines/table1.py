@@ -26,7 +26,8 @@ import time
 import ml_collections
 import numpy as np
 
-from ava_jax.config import reward_model_config
+from ava_jax import config as cfglib
+from ava_jax.data.load import load_pair_splits
 from ava_jax.pipelines import reward_model
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ ROWS = (
     Row("AVA-p w/o ptq", "ava_p", (("model.q_param", "fresh"),)),
     Row("AVA-p (as printed)", "ava_p", AS_PRINTED),
     Row("AVA-p (as printed, eval.score=sum)", "ava_p", _printed_with(eval__score="sum")),
-    Row("AVA-p (as printed, reward_align=state)", "ava_p", _printed_with(model__reward_align="state")),
+    Row("AVA-p (as printed, reward_align=state)", "ava_p", _printed_with(loss__reward_align="state")),
     Row("AVA-p (as printed, weight_norm=sum)", "ava_p", _printed_with(model__weight_norm="sum")),
     Row("AVA-p (as printed, normalize=sequence, cer=logsigmoid)", "ava_p",
         _printed_with(loss__normalize="sequence", loss__cer="logsigmoid")),
@@ -100,7 +101,7 @@ def _set(c: ml_collections.ConfigDict, key: str, value) -> None:
 
 def row_config(row: Row, dataset: str, seed: int, overrides: dict, *, tiny: bool = False,
                train_pairs: int = 0) -> ml_collections.ConfigDict:
-    c = reward_model_config(row.objective, (TINY if tiny else DATASETS)[dataset])
+    c = reward_model.default_config(row.objective, (TINY if tiny else DATASETS)[dataset])
     c.seed = seed
     c.workdir = ""  # every (row, seed) trains from scratch: no run directory to resume from
     c.train.progress = False
@@ -153,7 +154,7 @@ def reference_rows(dataset: str, overrides: dict, *, tiny: bool) -> dict[str, fl
     from ava_jax.eval import references
     c = row_config(ROWS[0], dataset, 0, overrides, tiny=tiny)
     tokenizer = None if dataset == "synthetic" else load_pretrained(resolve_path(c.model.path))[1]
-    splits, pad_id, extra = reward_model.prepare_data(c, tokenizer)
+    splits, pad_id, extra = load_pair_splits(cfglib.data_config(c.data), tokenizer)
     refs = {}
     if dataset in GROUND_TRUTH:
         refs["Bayes ceiling"] = extra["test_bayes_optimal_accuracy"]

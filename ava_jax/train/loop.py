@@ -1,5 +1,10 @@
 """The training loop shared by the pipelines: resume, progress, metrics, evaluation, checkpoints.
 
+The loop asks a `BatchSource` for `next_batch(state, step)`, so a data iterator (`IteratorBatches`)
+and a rollout generator (which samples from the current policy in `state`) are the same to it. A
+source whose position must survive a resume exposes it as `checkpoint_iterator` (a grain iterator,
+saved with the state); a source that rebuilds its batches from the state and the step needs none.
+
 The host never waits on the device without need: each step is dispatched before the previous
 step's metrics are fetched, and full metric means are pulled only on log steps.
 """
@@ -7,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Callable
+from typing import Any, Callable, Protocol
 
 import jax
 from tqdm.auto import tqdm
@@ -33,21 +38,45 @@ class LoopOptions:
     progress: bool = True
 
 
-def train_loop(step_fn, state, data_iter, key, options: LoopOptions, *, writer: MetricWriter,
-               checkpointer: RunCheckpointer | None = None, eval_fn: Callable | None = None,
-               on_batch: Callable | None = None):
+class BatchSource(Protocol):
+    """What the loop trains on: `next_batch(state, step)` returns the batch of step `step`."""
+
+    checkpoint_iterator: Any  # a grain iterator whose position is saved with the state, or None
+
+    def next_batch(self, state, step: int):
+        ...
+
+
+class IteratorBatches:
+    """A BatchSource over a (grain) iterator of host batches; its position is checkpointed.
+
+    transform: optional host-side function applied to each batch before the step sees it.
+    """
+
+    def __init__(self, iterator, transform: Callable | None = None):
+        self.checkpoint_iterator = iterator
+        self.transform = transform
+
+    def next_batch(self, state, step: int):
+        del state, step
+        batch = next(self.checkpoint_iterator)
+        return batch if self.transform is None else self.transform(batch)
+
+
+def train_loop(step_fn, state, batches: BatchSource, key, options: LoopOptions, *, writer: MetricWriter,
+               checkpointer: RunCheckpointer | None = None, eval_fn: Callable | None = None):
     """Runs `step_fn(state, batch, key)` from `state.step` to `options.num_steps`.
 
     Args:
-      step_fn: the jitted step from `make_train_step`.
+      step_fn: the step from `make_train_step`.
       state: a TrainState (already restored if resuming; the loop starts at `state.step`).
-      data_iter: an iterator of host batches (its position is checkpointed with the state).
+      batches: a BatchSource (e.g. `IteratorBatches(grain_iterator)`).
       key: the run's PRNG key (each step folds in its step number).
       options: LoopOptions.
       writer: where metrics go (`train/...`, `eval/...`).
-      checkpointer: saves the latest state + data position, and the best state by its metric.
+      checkpointer: saves the latest state (+ the source's iterator position), and the best state by
+        its metric.
       eval_fn: `eval_fn(state) -> dict[str, float]`, run every `eval_every` steps and at the end.
-      on_batch: optional host-side transform of each batch before it is fed to the step.
 
     Returns:
       (state, last eval metrics or None).
@@ -57,9 +86,7 @@ def train_loop(step_fn, state, data_iter, key, options: LoopOptions, *, writer: 
     evals = None
     bar = tqdm(total=options.num_steps, initial=start, disable=not options.progress, desc="train", unit="step")
     for step in range(start, options.num_steps):
-        batch = next(data_iter)
-        if on_batch is not None:
-            batch = on_batch(batch)
+        batch = batches.next_batch(state, step)
         state, metrics = step_fn(state, batch, key)
         if prev is not None:  # the previous step's flag: dispatched one step ago, so this rarely waits
             _check_bad(prev, options)
@@ -79,7 +106,7 @@ def train_loop(step_fn, state, data_iter, key, options: LoopOptions, *, writer: 
                 checkpointer.save_best(done, state, evals)
         if checkpointer is not None and ((options.checkpoint_every and done % options.checkpoint_every == 0)
                                          or done == options.num_steps):
-            checkpointer.save(done, state, data_iter, force=True)
+            checkpointer.save(done, state, batches.checkpoint_iterator, force=True)
     if prev is not None:
         _check_bad(prev, options)
     bar.close()

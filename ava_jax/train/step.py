@@ -1,9 +1,11 @@
 """A generic train step: jitted once with explicit shardings and donation, exact gradient
 accumulation, and non-finite steps skipped inside the step.
 
-A loss function has the signature `loss_fn(model, batch, rng) -> (loss, metrics)` where `model` is
-the NNX module rebuilt from its parameters and `metrics["loss"] = (loss_sum, count)`, `count` being
-the true normaliser (valid tokens or pairs). Micro-batch gradients are weighted by their counts, so
+A loss function has the signature `loss_fn(model, batch, rng, frozen) -> (loss, metrics)` where
+`model` is the NNX module rebuilt from its parameters, `frozen` a dict of frozen NNX modules (a
+reference policy, a reward model: `FrozenModels`, passed into the jitted step as sharded,
+non-donated arguments, so they are neither constants of the program nor trained), and
+`metrics["loss"] = (loss_sum, count)`, `count` being the true normaliser (valid tokens or pairs). Micro-batch gradients are weighted by their counts, so
 accumulating k micro-batches gives exactly the gradient of loss_sum_total / count_total, not a mean
 of means.
 """
@@ -67,6 +69,36 @@ def _state(params, optimizer, mesh) -> TrainState:
     return TrainState(step=zeros[0], params=params, opt_state=opt_state, bad_steps=zeros[1])
 
 
+@dataclasses.dataclass(frozen=True)
+class FrozenModels:
+    """Models the loss reads but does not train: {name: graphdef} (static) and {name: params} (arrays)."""
+    graphdefs: dict
+    params: dict
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(sorted(self.graphdefs))
+
+    def merge(self, params=None) -> dict:
+        """{name: NNX module} rebuilt from `params` (default: the stored ones); inside a jitted step
+        pass the traced parameters."""
+        params = self.params if params is None else params
+        return {k: nnx.merge(self.graphdefs[k], jax.lax.stop_gradient(params[k])) for k in self.graphdefs}
+
+
+NO_FROZEN = FrozenModels({}, {})
+
+
+def freeze(models: dict, mesh) -> FrozenModels:
+    """Splits each module and places its parameters by `sharding.PARAM_RULES` (copies: the step never
+    donates them, and the caller's arrays stay valid)."""
+    graphdefs, params = {}, {}
+    for name, module in models.items():
+        graphdefs[name], p = nnx.split(module, nnx.Param)
+        params[name] = jax.device_put(p, shd.param_shardings(p, mesh), may_alias=False)
+    return FrozenModels(graphdefs, params)
+
+
 def _tree_all_finite(tree) -> jax.Array:
     leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
@@ -83,11 +115,16 @@ def _split_micro(batch, accum: int):
     return jax.tree.map(one, batch)
 
 
-def grads_and_metrics(loss_fn, graphdef, params, batch, rng, accum: int):
-    """Gradient of loss_sum_total / count_total over `accum` micro-batches, and summed metrics."""
+def grads_and_metrics(loss_fn, graphdef, params, batch, rng, accum: int, frozen: dict | None = None):
+    """Gradient of loss_sum_total / count_total over `accum` micro-batches, and summed metrics.
+
+    frozen: {name: NNX module} handed to the loss as it is (no gradient flows to it).
+    """
+    frozen = {} if frozen is None else frozen
+
     def micro(p, mb, key):
         model = nnx.merge(graphdef, p)
-        loss, metrics = loss_fn(model, mb, key)
+        loss, metrics = loss_fn(model, mb, key, frozen)
         loss_sum, count = metrics["loss"]
         # d(loss_sum)/dp = count * d(loss)/dp; return the sum so micro-batches add up exactly.
         return loss_sum, metrics
@@ -119,12 +156,27 @@ class StepOptions:
     donate: bool = True
 
 
+class TrainStep:
+    """`step(state, batch, key) -> (state, metrics)`: the jitted step with the frozen models' parameters
+    bound as arguments (`jitted(state, batch, key, frozen_params)` is the compiled function)."""
+
+    def __init__(self, jitted, frozen: FrozenModels):
+        self.jitted, self.frozen = jitted, frozen
+
+    def __call__(self, state, batch, key):
+        return self.jitted(state, batch, key, self.frozen.params)
+
+    def lower(self, state, batch, key):
+        return self.jitted.lower(state, batch, key, self.frozen.params)
+
+
 def make_train_step(graphdef, loss_fn, optimizer: optax.GradientTransformation, mesh, state: TrainState,
-                    batch_example, options: StepOptions = StepOptions()):
+                    batch_example, options: StepOptions = StepOptions(), frozen: FrozenModels = NO_FROZEN):
     """Builds `step(state, batch, key) -> (state, metrics)`, jitted with explicit shardings.
 
-    The batch is split over the (data, fsdp) axes; the state keeps its current shardings. A step
-    whose loss or gradients are not finite leaves parameters and optimizer state unchanged, sets
+    The batch is split over the (data, fsdp) axes; the state keeps its current shardings and is
+    donated; the frozen models' parameters (`freeze`) keep theirs and are not donated. A step whose
+    loss or gradients are not finite leaves parameters and optimizer state unchanged, sets
     metrics["skipped"] and increments `state.bad_steps` (reset by the next good step).
     """
     leading = {x.shape[0] for x in jax.tree.leaves(batch_example)}
@@ -138,10 +190,12 @@ def make_train_step(graphdef, loss_fn, optimizer: optax.GradientTransformation, 
     state_sh = jax.tree.map(lambda x: x.sharding, state)
     batch_sh = jax.tree.map(lambda x: shd.batch_sharding(mesh, x.ndim), batch_example)
     replicated = NamedSharding(mesh, P())
+    frozen_sh = jax.tree.map(lambda x: x.sharding, frozen.params)
 
-    def step(state: TrainState, batch, key):
+    def step(state: TrainState, batch, key, frozen_params):
         rng = jax.random.fold_in(key, state.step)
-        grads, metrics = grads_and_metrics(loss_fn, graphdef, state.params, batch, rng, options.accum_steps)
+        grads, metrics = grads_and_metrics(loss_fn, graphdef, state.params, batch, rng, options.accum_steps,
+                                           frozen.merge(frozen_params))
         ok = jnp.isfinite(metrics["loss"][0]) & _tree_all_finite(grads)
         # Zero non-finite gradients before the update so no NaN reaches the optimizer, then keep the
         # old state wholesale when the step was bad.
@@ -159,9 +213,10 @@ def make_train_step(graphdef, loss_fn, optimizer: optax.GradientTransformation, 
         metrics["grad_norm"] = (jnp.where(ok, optax.tree.norm(grads), 0.0), ok.astype(jnp.float32))
         return new_state, metrics
 
-    return jax.jit(step, in_shardings=(state_sh, batch_sh, replicated),
-                   out_shardings=(state_sh, replicated),
-                   donate_argnames=("state",) if options.donate else ())
+    jitted = jax.jit(step, in_shardings=(state_sh, batch_sh, replicated, frozen_sh),
+                     out_shardings=(state_sh, replicated),
+                     donate_argnames=("state",) if options.donate else ())
+    return TrainStep(jitted, frozen)
 
 
 def metric_means(metrics) -> dict[str, float]:
