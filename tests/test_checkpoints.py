@@ -393,3 +393,37 @@ def test_not_a_checkpoint(tmp_path):
         ava_jax.load_pretrained(tmp_path)
     with pytest.raises(FileNotFoundError):
         ava_jax.load_pretrained(tmp_path / "nope")
+
+
+@pytest.mark.parametrize("padding", ["right", "left"])
+def test_sequence_logprobs_match_transformers(hf_case, padding):
+    """The policy objectives' sequence log-probs (response tokens only, prompt and padding excluded) on
+    a random tiny Llama equal transformers' log-probs in float32, for left and right padding."""
+    from ava_jax.losses.lm import token_logprobs
+    from ava_jax.losses.policy import sequence_logprobs
+    from ava_jax.models.positions import token_positions
+    torch_model, directory, _, _ = hf_case("llama")
+    rng = np.random.default_rng(3)
+    lens, prompt_lens = np.array([T, 25, 12]), np.array([10, 7, 3])
+    tokens = rng.integers(1, 128, (3, T)).astype(np.int32)
+    idx = np.arange(T)[None]
+    mask = (idx >= T - lens[:, None]) if padding == "left" else (idx < lens[:, None])
+    tokens = np.where(mask, tokens, 0).astype(np.int32)
+    with torch.no_grad():
+        am = torch.tensor(mask.astype(np.int64))
+        out = torch_model(torch.tensor(tokens, dtype=torch.long), attention_mask=am,
+                          position_ids=(am.cumsum(-1) - 1).clamp(min=0)).logits.double()
+        logp = torch.log_softmax(out[:, :-1], -1).gather(-1, torch.tensor(tokens[:, 1:, None], dtype=torch.long))
+        logp = logp[..., 0].numpy()
+    want = []
+    for b in range(3):
+        start = T - lens[b] if padding == "left" else 0
+        resp = slice(start + prompt_lens[b], start + lens[b])  # response token positions
+        want.append(logp[b, resp.start - 1: resp.stop - 1].sum())
+    model, _ = ava_jax.load_pretrained(directory)
+    response, _ = token_positions(jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(prompt_lens))
+    with jax.default_matmul_precision("highest"):
+        logits = model(jnp.asarray(tokens), jnp.asarray(mask, jnp.int32)).logits
+    total, count = sequence_logprobs(token_logprobs(logits, jnp.asarray(tokens)), response, jnp.asarray(mask))
+    np.testing.assert_array_equal(np.asarray(count), lens - prompt_lens)
+    np.testing.assert_allclose(np.asarray(total), np.asarray(want), rtol=1e-5, atol=1e-5)
