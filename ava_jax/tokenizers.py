@@ -16,7 +16,7 @@ from pathlib import Path
 
 import gguf
 import tokenizers
-from tokenizers import decoders, models, pre_tokenizers
+from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 
 _SPECIAL_NAMES = ("bos", "eos", "pad", "unk")
 
@@ -115,10 +115,14 @@ class Tokenizer(abc.ABC):
 
 
 class HFTokenizer(Tokenizer):
-    """A `tokenizers.Tokenizer` plus special ids and chat template (from an HF directory or a GGUF file)."""
+    """A `tokenizers.Tokenizer` plus special ids and chat template (from an HF directory or a GGUF file).
+
+    `split_special_tokens=True` (transformers' `tokenizer_config.json` key of that name) encodes special-token
+    strings in text as plain text, as llama2.c does, instead of as their ids.
+    """
 
     def __init__(self, backend: tokenizers.Tokenizer, *, source: str, special_tokens: dict[str, str],
-                 chat_template: str | None):
+                 chat_template: str | None, split_special_tokens: bool = False):
         # A tokenizer.json may carry padding/truncation settings; ids must never be cut or padded silently.
         backend.no_padding()
         backend.no_truncation()
@@ -132,20 +136,29 @@ class HFTokenizer(Tokenizer):
         # already, so no id changes.
         backend.add_special_tokens(
             [tokenizers.AddedToken(t, special=True, normalized=False) for t in set(special_tokens.values())])
+        backend.encode_special_tokens = split_special_tokens  # not part of tokenizer.json: set on every load
         super().__init__(source=source, bos_id=ids["bos"], eos_id=ids["eos"], pad_id=ids["pad"],
                          vocab_size=backend.get_vocab_size(with_added_tokens=True), chat_template=chat_template,
                          special_tokens=special_tokens)
         self.backend = backend
+        self._continuation_backend = _without_prepend(backend)
 
     def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
         # add_special_tokens=False bypasses a post-processor (Llama's adds BOS): BOS is the caller's call.
         return self._with_specials(self.backend.encode(text, add_special_tokens=False).ids, add_bos, add_eos)
 
+    def encode_continuation(self, text: str) -> list[int]:
+        # A `Prepend` normalizer is SentencePiece's dummy prefix (Llama's tokenizer.json, our llama2.c export).
+        if self._continuation_backend is None:
+            return self.encode(text)
+        return self._continuation_backend.encode(text, add_special_tokens=False).ids
+
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def save(self, directory: str | Path) -> None:
-        """Writes `tokenizer.json` and `tokenizer_config.json` (special tokens, chat template) to `directory`.
+        """Writes `tokenizer.json` and `tokenizer_config.json` (special tokens, chat template,
+        split_special_tokens) to `directory`.
 
         Args:
           directory: an existing directory; `HFTokenizer.from_dir` and transformers' `AutoTokenizer` read it.
@@ -153,6 +166,8 @@ class HFTokenizer(Tokenizer):
         directory = Path(directory)
         self.backend.save(str(directory / "tokenizer.json"))
         config = {"tokenizer_class": "PreTrainedTokenizerFast", **self._special_tokens}
+        if self.backend.encode_special_tokens:
+            config["split_special_tokens"] = True
         if self.chat_template is not None:
             config["chat_template"] = self.chat_template
         text = json.dumps(config, indent=2, ensure_ascii=False) + "\n"
@@ -166,7 +181,7 @@ class HFTokenizer(Tokenizer):
         Special tokens come from `tokenizer_config.json`/`special_tokens_map.json`, else from the ids in
         `generation_config.json`/`config.json`; a bare GPT-2 vocabulary gets `<|endoftext|>` as BOS and EOS,
         as GPT-2 does. The chat template comes from `chat_template.jinja`, else `chat_template.json`, else
-        `tokenizer_config.json`.
+        `tokenizer_config.json`; `split_special_tokens` from `tokenizer_config.json`.
 
         Args:
           directory: the directory.
@@ -213,7 +228,8 @@ class HFTokenizer(Tokenizer):
                              or configs["tokenizer_config.json"].get("chat_template"))
         if isinstance(chat_template, list):  # named templates [{"name": ..., "template": ...}]
             chat_template = {t["name"]: t["template"] for t in chat_template}.get("default")
-        return cls(backend, source=str(directory), special_tokens=special_tokens, chat_template=chat_template)
+        return cls(backend, source=str(directory), special_tokens=special_tokens, chat_template=chat_template,
+                   split_special_tokens=configs["tokenizer_config.json"].get("split_special_tokens", False))
 
     @classmethod
     def from_gguf(cls, path: str | Path) -> HFTokenizer:
@@ -267,6 +283,22 @@ class HFTokenizer(Tokenizer):
 
 def _read_json(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def _without_prepend(backend: tokenizers.Tokenizer) -> tokenizers.Tokenizer | None:
+    """A copy of `backend` without its `Prepend` normalizers, or None when it has none."""
+    normalizer = backend.normalizer
+    if isinstance(normalizer, normalizers.Prepend):
+        kept = None
+    elif isinstance(normalizer, normalizers.Sequence) and any(isinstance(n, normalizers.Prepend)
+                                                              for n in normalizer):
+        kept = normalizers.Sequence([n for n in normalizer if not isinstance(n, normalizers.Prepend)])
+    else:
+        return None
+    copy = tokenizers.Tokenizer.from_str(backend.to_str())
+    copy.normalizer = kept
+    copy.encode_special_tokens = backend.encode_special_tokens
+    return copy
 
 
 # `tokenizer.ggml.pre` values by the split llama.cpp (llama-vocab.cpp) applies. The StarCoder family, SmolLM
@@ -329,6 +361,9 @@ class Llama2cTokenizer(Tokenizer):
     """
 
     _UNK, _BOS, _EOS, _BYTE_OFFSET = 0, 1, 2, 3  # llama2.c's fixed ids; <0xXX> is id 3 + byte
+    # tokenizer.json names of ids 0, 1, 2: SentencePiece's. The file spells BOS and EOS "\n<s>\n" and "\n</s>\n",
+    # llama2.c's display forms (run.c prints pieces verbatim).
+    _HF_SPECIALS = ("<unk>", "<s>", "</s>")
 
     def __init__(self, path: str | Path):
         path = Path(path)
@@ -428,13 +463,84 @@ class Llama2cTokenizer(Tokenizer):
             prev = i
         return out.decode("utf-8", errors="replace")
 
+    def to_hf_tokenizer(self) -> tokenizers.Tokenizer:
+        """This tokenizer as a `tokenizers.Tokenizer`: SentencePiece-style BPE with byte fallback.
+
+        `encode(text, add_special_tokens=False).ids` equals `self.encode(text)`, and `decode(ids,
+        skip_special_tokens=True)` equals `self.decode(ids)`, but for the cases below. A `Prepend(" ")`
+        normalizer adds the dummy prefix (to non-empty text only); with no pre-tokenizer, BPE merges over the
+        whole text, as llama2.c does. The merges are every split (a, b) of every piece p into two pieces,
+        ranked by the score of p, best first (then by id, then the shorter a first). BPE merges the adjacent
+        pair of lowest rank, the leftmost on ties: llama2.c's best-scoring merge, unless two pieces share a
+        score, or two different splits of the best piece are adjacent pairs at once and the merge order
+        changes what follows (llama2.c takes the leftmost). tok512.bin's merged pieces have distinct scores,
+        and the tests compare the two on several hundred texts. `encode_special_tokens` is set, so "<s>" in
+        text is text, as in `encode`; tokenizer.json does not keep that flag, `save` writes transformers'
+        `split_special_tokens` for it. The post-processor adds BOS, as llama2.c's run.c does.
+
+        Decoding differs only for ids that no single `encode` call gives. It drops one space at the start of
+        the whole text, where `decode` drops the one after each BOS (packed documents) and at the start, but
+        none after a leading EOS/UNK nor from a leading `<0x20>`. It writes one U+FFFD per byte of an invalid
+        UTF-8 run (`decode`: one per maximal invalid subsequence), and unskipped BOS/EOS as "<s>"/"</s>".
+
+        Returns:
+          The tokenizer; `<unk>`, `<s>` and `</s>` (ids 0, 1, 2) are its special tokens.
+
+        Raises:
+          ValueError: a piece is not UTF-8, two pieces are equal, a byte token is not `<0xXX>` at id 3 + XX,
+            or a special token is a part or the result of a merge (its tokenizer.json name is not its piece).
+        """
+        try:
+            names = [*self._HF_SPECIALS, *(piece.decode("utf-8") for piece in self._pieces[self._BYTE_OFFSET:])]
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{self.source}: a piece is not UTF-8, which tokenizer.json cannot hold: {e}") from e
+        if len(self._piece_to_id) != len(self._pieces) or len(set(names)) != len(names):
+            raise ValueError(f"{self.source}: duplicate pieces; tokenizer.json needs one id per string")
+        for byte in range(256):
+            if names[self._BYTE_OFFSET + byte] != f"<0x{byte:02X}>":
+                raise ValueError(f"{self.source}: token {self._BYTE_OFFSET + byte} is "
+                                 f"{names[self._BYTE_OFFSET + byte]!r}, not the byte token <0x{byte:02X}>")
+        ranked = []  # (-score of p, p, split point, a, b)
+        for merged, piece in enumerate(self._pieces):
+            for cut in range(1, len(piece)):
+                left, right = self._piece_to_id.get(piece[:cut]), self._piece_to_id.get(piece[cut:])
+                if left is not None and right is not None:
+                    if min(merged, left, right) < self._BYTE_OFFSET:
+                        raise ValueError(f"{self.source}: special token merge {piece[:cut]!r} + {piece[cut:]!r}")
+                    ranked.append((-self._scores[merged], merged, cut, left, right))
+        model = models.BPE(vocab={name: i for i, name in enumerate(names)},
+                           merges=[(names[a], names[b]) for *_, a, b in sorted(ranked)],
+                           unk_token=names[self._UNK], byte_fallback=True)
+        backend = tokenizers.Tokenizer(model)
+        backend.normalizer = normalizers.Prepend(" ")
+        bos = names[self._BOS]
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, self._BOS)])
+        backend.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+        backend.add_special_tokens(
+            [tokenizers.AddedToken(t, special=True, normalized=False) for t in self._HF_SPECIALS])
+        backend.encode_special_tokens = True
+        return backend
+
     def save(self, directory: str | Path) -> None:
-        """Copies the tokenizer file to `directory/tokenizer.bin`, where `load_tokenizer(directory)` finds it.
+        """Writes `tokenizer.bin` (a copy of the file) and its Hugging Face form to `directory`.
+
+        The Hugging Face form is `to_hf_tokenizer()` as `tokenizer.json`, and a `tokenizer_config.json` that
+        makes transformers' `AutoTokenizer` add BOS by default and encode special-token strings in text as
+        text, as llama2.c does. `load_tokenizer(directory)` reads `tokenizer.json`, with the same ids as this
+        tokenizer. No `model_max_length`: the tokenizer has none; the model's context is in its config.json.
 
         Args:
           directory: an existing directory.
         """
-        (Path(directory) / "tokenizer.bin").write_bytes(self._path.read_bytes())
+        directory = Path(directory)
+        (directory / "tokenizer.bin").write_bytes(self._path.read_bytes())
+        self.to_hf_tokenizer().save(str(directory / "tokenizer.json"))
+        config = {"tokenizer_class": "PreTrainedTokenizerFast",
+                  **dict(zip(("unk_token", "bos_token", "eos_token"), self._HF_SPECIALS)),
+                  "add_bos_token": True, "add_eos_token": False, "split_special_tokens": True,
+                  "clean_up_tokenization_spaces": False}
+        (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer | None:

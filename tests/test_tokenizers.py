@@ -2,6 +2,7 @@
 import gzip
 import importlib.util
 import json
+import random
 import struct
 import time
 from pathlib import Path
@@ -40,8 +41,8 @@ def _hh_rlhf_texts(n: int) -> list[str]:
         return [json.loads(line)["chosen"] for _, line in zip(range(n), f)]
 
 
-def _llama2c_reference_encode(path: Path, text: str) -> list[int]:
-    """llama2.c's `encode` transcribed literally (rescan every pair each round), reading the file itself."""
+def _read_llama2c(path: Path) -> tuple[list[bytes], list[float]]:
+    """The pieces and scores of a llama2.c tokenizer file, read independently of ava_jax."""
     data = path.read_bytes()
     pieces, scores, offset = [], [], 4
     while offset < len(data):
@@ -49,6 +50,12 @@ def _llama2c_reference_encode(path: Path, text: str) -> list[int]:
         pieces.append(data[offset + 8:offset + 8 + length])
         scores.append(score)
         offset += 8 + length
+    return pieces, scores
+
+
+def _llama2c_reference_encode(path: Path, text: str) -> list[int]:
+    """llama2.c's `encode` transcribed literally (rescan every pair each round), reading the file itself."""
+    pieces, scores = _read_llama2c(path)
     lookup = {}
     for i, piece in enumerate(pieces):
         lookup.setdefault(piece, i)
@@ -268,3 +275,76 @@ def test_load_tokenizer_bad_paths(tmp_path):
     not_gguf.write_bytes(b"GGML" + b"\0" * 40)
     with pytest.raises(ValueError, match="fake.gguf: not a little-endian GGUF"):
         load_tokenizer(not_gguf)
+
+
+# --- llama2.c tok512 exported as a Hugging Face tokenizer.json ------------------------------------------
+
+_STORY_WORDS = ("Once upon a time there was a little girl named Lily . She loved to play with her ball in the "
+                "park , \" Mom ! \" said Tom . They were happy and had fun ? The big dog ran fast Ben saw "
+                "something shiny 's don't can't 3 years old 10 apples").split()
+# Characters that are tok512 pieces (é, ’, “, —, no-break space) and ones that need byte fallback.
+_UNICODE = ("é", "ñ", "’", "“", "”", "—", "\u00a0", "ü", "ß", "ç", "Ω", "日本語", "🙂", "🦙", "👩‍👩‍👧", "🇫🇷",
+            "e\u0301", "\u200b", "\x00", "\x7f")
+
+
+@pytest.fixture(scope="module")
+def export_texts() -> list[str]:
+    """~460 texts: TinyStories-like sentences with edge whitespace, unicode and digits, special-token strings,
+    and random runs of tok512 pieces, which exercise many merges (and pieces with several splits)."""
+    rng = random.Random(0)
+    pieces = [p.decode() for p in _read_llama2c(TOK512)[0][259:]]
+    texts = TEXTS + ["", " ", "  ", "\n", " \n ", "\r\n", "a", "<s>", "</s>", "<unk>", "<s>Hi</s>", "<0x0A>",
+                     "..." * 5, "!!!??", "12345678901234567890", *_UNICODE]
+    for _ in range(200):
+        words = [rng.choice(_STORY_WORDS + list(_UNICODE[:12])) for _ in range(rng.randint(1, 20))]
+        text = "".join(w + rng.choice((" ", " ", " ", "", "  ", "\n", "\t", "\n\n")) for w in words)
+        texts.append(rng.choice(("", " ", "   ", "\n")) + text)
+    for _ in range(200):
+        runs = (rng.choice(pieces) + rng.choice(("", "", " ", "\n")) for _ in range(rng.randint(1, 10)))
+        texts.append("".join(runs))
+    return texts + [t[:300] for t in _hh_rlhf_texts(20)]
+
+
+def test_tok512_hf_export_matches_transformers(tmp_path, tok512, export_texts):
+    transformers = pytest.importorskip("transformers")
+    tok512.save(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == \
+        ["tokenizer.bin", "tokenizer.json", "tokenizer_config.json"]
+    reference = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    assert (reference.unk_token_id, reference.bos_token_id, reference.eos_token_id, reference.pad_token_id) == \
+        (0, 1, 2, None)
+    assert len(reference) == tok512.vocab_size == 512
+    assert reference("Once upon a time")["input_ids"] == [1, 403, 407, 261, 378]  # BOS by default, as llama2.c
+    for text, ids, with_bos in zip(export_texts, reference(export_texts, add_special_tokens=False)["input_ids"],
+                                   reference(export_texts)["input_ids"]):
+        assert ids == tok512.encode(text), text
+        assert with_bos == tok512.encode(text, add_bos=True), text
+        for decoded in (ids, with_bos + [tok512.eos_id]):
+            assert reference.decode(decoded, skip_special_tokens=True) == tok512.decode(decoded), text
+    # Unskipped, BOS and EOS read as their SentencePiece names, not the file's "\n<s>\n".
+    assert reference.decode(tok512.encode("Hi", add_bos=True, add_eos=True)) == "<s> Hi</s>"
+
+
+def test_tok512_saved_dir_round_trip(tmp_path, tok512, export_texts):
+    tok512.save(tmp_path)
+    tok = load_tokenizer(tmp_path)  # tokenizer.json, ahead of tokenizer.bin
+    assert isinstance(tok, HFTokenizer)
+    assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.vocab_size) == (1, 2, None, 512)
+    (tmp_path / "resaved").mkdir()
+    tok.save(tmp_path / "resaved")  # HFTokenizer.save keeps split_special_tokens: "<s>" in text stays text
+    for reloaded in (tok, load_tokenizer(tmp_path / "resaved"), load_tokenizer(tmp_path / "tokenizer.bin")):
+        for text in export_texts:
+            ids = tok512.encode(text, add_bos=True, add_eos=True)
+            assert reloaded.encode(text, add_bos=True, add_eos=True) == ids, text
+            assert reloaded.encode_continuation(text) == tok512.encode_continuation(text), text
+            assert reloaded.decode(ids) == tok512.decode(ids) == text, text
+
+
+def test_tok512_hf_export_refuses_duplicate_pieces(tmp_path):
+    pieces, scores = _read_llama2c(TOK512)
+    pieces[-1] = pieces[-2]
+    path = tmp_path / "dup.bin"
+    path.write_bytes(TOK512.read_bytes()[:4] + b"".join(struct.pack("<fi", s, len(p)) + p
+                                                        for p, s in zip(pieces, scores)))
+    with pytest.raises(ValueError, match="dup.bin: duplicate pieces"):
+        Llama2cTokenizer(path).to_hf_tokenizer()
