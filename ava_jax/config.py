@@ -48,6 +48,27 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def data_section() -> ml_collections.ConfigDict:
+    """The default `config.data` every pipeline that reads pairs or demonstrations starts from."""
+    d = ml_collections.ConfigDict(dict(
+        format="hh", path="", tfds_dir="", max_len=256, pad_to_multiple=64, on_bad_row="skip",
+        max_bad_fraction=0.01, check_roundtrip=True, max_train_pairs=0, max_validation_pairs=0,
+        max_test_pairs=0,
+        # "auto": by prompt hash, or by row hash (with a warning) when prompts are too few to split;
+        # "prompt" | "row" force one (ava_jax.data.splits.split_preferences).
+        split_by="auto",
+        # Your own splits, same format as data.path (then the train file): used as given, not hashed.
+        validation_path="", test_path=""))
+    d.synthetic = ml_collections.ConfigDict(dict(vocab_size=16, prompt_len=4, response_len=8, bt_temperature=2.0,
+                                                 num_examples=2048, num_eval_examples=1024, seed=0, data_seed=100))
+    # The stories task (docs/stories.md): TinyStories-260K continuations, gold per-token rewards from
+    # a shipped word rule; generated once and cached under data.stories.cache_dir (default
+    # $AVA_JAX_CACHE or ~/.cache/ava_jax).
+    d.stories = ml_collections.ConfigDict(dict(num_pairs=4096, num_eval_pairs=1024, response_len=48, temperature=1.0,
+                                               bt_temperature=0.375, seed=0, data_seed=0, cache_dir=""))
+    return d
+
+
 def resolve_path(path: str) -> str:
     """`bundled:NAME` -> the copy shipped inside the package; anything else is a local path."""
     if path.startswith("bundled:"):

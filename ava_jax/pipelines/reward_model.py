@@ -53,24 +53,7 @@ def default_config(objective: str, variant: str | None = None) -> ml_collections
     c.objective = objective
     c.model.scratch = ml_collections.ConfigDict(dict(arch="llama", vocab_size=512, d_model=64, n_layers=2,
                                                      n_heads=4, n_kv_heads=2, d_ff=172, max_seq_len=512))
-    c.data = ml_collections.ConfigDict(dict(
-        format="hh", path="", tfds_dir="", max_len=256, pad_to_multiple=64, on_bad_row="skip",
-        max_bad_fraction=0.01, check_roundtrip=True, max_train_pairs=0, max_validation_pairs=0,
-        max_test_pairs=0,
-        # "auto": by prompt hash, or by row hash (with a warning) when prompts are too few to split;
-        # "prompt" | "row" force one (ava_jax.data.splits.split_preferences).
-        split_by="auto",
-        # Your own splits, same format as data.path (then the train file): used as given, not hashed.
-        validation_path="", test_path=""))
-    c.data.synthetic = ml_collections.ConfigDict(dict(vocab_size=16, prompt_len=4, response_len=8,
-                                                      bt_temperature=2.0, num_examples=2048,
-                                                      num_eval_examples=1024, seed=0, data_seed=100))
-    # The stories task (docs/stories.md): TinyStories-260K continuations, gold per-token rewards from
-    # a shipped word rule; generated once and cached under data.stories.cache_dir (default
-    # $AVA_JAX_CACHE or ~/.cache/ava_jax).
-    c.data.stories = ml_collections.ConfigDict(dict(num_pairs=4096, num_eval_pairs=1024, response_len=48,
-                                                    temperature=1.0, bt_temperature=0.375, seed=0, data_seed=0,
-                                                    cache_dir=""))
+    c.data = cfglib.data_section()
     c.train = ml_collections.ConfigDict(dict(
         steps=300, batch_size=16, accum_steps=1, learning_rate=1e-4, warmup_steps=30, final_lr_fraction=0.1,
         weight_decay=0.01, grad_clip=1.0, log_every=10, eval_every=100, checkpoint_every=100,

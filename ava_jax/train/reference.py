@@ -110,20 +110,29 @@ class ReferenceCache:
         return ReferenceLogprobs(chosen, rejected, key, computed=True)
 
     def _compute(self, graphdef, params, arrays):
-        @jax.jit
-        def one(params, batch):
-            (c, r), _ = pair_logprobs(nnx.merge(graphdef, params), batch)
-            return c, r
-
-        ds = make_dataset(arrays, self.batch_size, 0, pad_id=self.pad_id, pad_to_multiple=self.pad_to_multiple,
-                          shuffle=False, num_epochs=1, drop_remainder=False)
-        chosen, rejected = np.zeros(len(arrays), np.float32), np.zeros(len(arrays), np.float32)
-        for batch in ds:
-            n = batch["index_B"].shape[0]
-            if n < self.batch_size:  # pad the last batch with repeats of its first row: one compiled shape
-                batch = jax.tree.map(lambda x: np.concatenate([x, np.repeat(x[:1], self.batch_size - n, 0)]), batch)
-            c, r = jax.device_get(one(params, {"chosen": batch["chosen"], "rejected": batch["rejected"]}))
-            idx = batch["index_B"][:n]
-            chosen[idx], rejected[idx] = c[:n], r[:n]
-            self.forward_passes += 1
+        chosen, rejected, batches = pair_sequence_logprobs(graphdef, params, arrays, batch_size=self.batch_size,
+                                                           pad_id=self.pad_id, pad_to_multiple=self.pad_to_multiple)
+        self.forward_passes += batches
         return chosen, rejected
+
+
+def pair_sequence_logprobs(graphdef, params, arrays, *, batch_size: int, pad_id: int, pad_to_multiple: int | None):
+    """(chosen_N, rejected_N, number of batches): each pair's summed response log-probs under the model's
+    LM, in row order (jitted; the last short batch padded with repeats of its first row)."""
+    @jax.jit
+    def one(params, batch):
+        (c, r), _ = pair_logprobs(nnx.merge(graphdef, params), batch)
+        return c, r
+
+    ds = make_dataset(arrays, batch_size, 0, pad_id=pad_id, pad_to_multiple=pad_to_multiple, shuffle=False,
+                      num_epochs=1, drop_remainder=False)
+    chosen, rejected, batches = np.zeros(len(arrays), np.float32), np.zeros(len(arrays), np.float32), 0
+    for batch in ds:
+        n = batch["index_B"].shape[0]
+        if n < batch_size:
+            batch = jax.tree.map(lambda x: np.concatenate([x, np.repeat(x[:1], batch_size - n, 0)]), batch)
+        c, r = jax.device_get(one(params, {"chosen": batch["chosen"], "rejected": batch["rejected"]}))
+        idx = batch["index_B"][:n]
+        chosen[idx], rejected[idx] = c[:n], r[:n]
+        batches += 1
+    return chosen, rejected, batches

@@ -91,7 +91,7 @@ class TrainingRun:
 
 def start_run(model, loss_fn, batches: BatchSource, batch_example, *, mesh, optimizer: OptimizerConfig,
               loop: LoopOptions, step_options: StepOptions = StepOptions(), workdir: str = "",
-              best_metric: str | None = None, frozen: dict | None = None) -> TrainingRun:
+              best_metric: str | None = None, best_mode: str = "max", frozen: dict | None = None) -> TrainingRun:
     """Creates the state, the jitted step and the run directory's writer and checkpointer; resumes.
 
     Args:
@@ -103,7 +103,8 @@ def start_run(model, loss_fn, batches: BatchSource, batch_example, *, mesh, opti
       optimizer, loop, step_options: typed `config.train`.
       workdir: the run directory ("" writes nothing and never resumes); one that holds a checkpoint
         is resumed from its latest step (parameters, optimizer, step, data position).
-      best_metric: the eval metric whose best value `best/` keeps (None: no best checkpoint).
+      best_metric: the eval metric whose best value `best/` keeps (None: no best checkpoint);
+        best_mode: "max" or "min".
       frozen: {name: NNX module} the loss reads but does not train (a reference policy, a reward
         model), passed to the step as sharded, non-donated arguments.
     """
@@ -111,7 +112,7 @@ def start_run(model, loss_fn, batches: BatchSource, batch_example, *, mesh, opti
     graphdef, state = init_train_state(model, tx, mesh)
     frozen_models = freeze(frozen, mesh) if frozen else NO_FROZEN
     step = make_train_step(graphdef, loss_fn, tx, mesh, state, batch_example, step_options, frozen_models)
-    ckpt = RunCheckpointer(workdir, best_metric=best_metric) if workdir else None
+    ckpt = RunCheckpointer(workdir, best_metric=best_metric, best_mode=best_mode) if workdir else None
     resumed = None
     if ckpt is not None and ckpt.latest_step() is not None:
         state = ckpt.restore(state, batches.checkpoint_iterator)

@@ -1,0 +1,111 @@
+"""The direct pipeline: short runs that can fail, resume with the reference cache, export, bad input."""
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from ava_jax import errors
+from ava_jax.checkpoints.load import save_pretrained
+from ava_jax.eval.policy import win_rate
+from ava_jax.models import TQR
+from ava_jax.pipelines import direct
+
+from conftest import tiny_config
+
+
+def _tiny(objective, workdir="", variant="tiny"):
+    c = direct.default_config(objective, variant)
+    c.workdir = workdir
+    c.train.progress = False
+    return c
+
+
+def test_tiny_dpo_writes_summary_resumes_from_the_cache_and_exports(tmp_path):
+    workdir = str(tmp_path / "run")
+    r = direct.run(_tiny("dpo", workdir))
+    with open(os.path.join(workdir, "summary.json")) as f:
+        summary = json.load(f)
+    assert summary["pipeline"] == "direct" and summary["objective"] == "dpo"
+    for key in ("gold_reward", "kl_to_initial", "heldout_loglik_chosen", "initial_loglik_per_token"):
+        assert np.isfinite(summary["final"][key]) and np.isfinite(summary["initial"][key])
+    assert summary["initial"]["kl_to_initial"] == pytest.approx(0.0, abs=1e-4)  # the same policy
+    assert 0 <= summary["final"]["vs_initial_win"] <= 1 and summary["examples"]
+    assert r.extra["reference_cache"]["computed"] and r.extra["reference_cache"]["forward_batches"] > 0
+    # The same run directory again: it resumes at its last step and reads the reference from disk.
+    again = direct.run(_tiny("dpo", workdir))
+    assert not again.extra["reference_cache"]["computed"] and again.extra["reference_cache"]["forward_batches"] == 0
+    np.testing.assert_allclose(again.final["heldout_loglik_chosen"], r.final["heldout_loglik_chosen"], rtol=1e-6)
+    # The exported policy: transformers loads it and gives the trained policy's logits.
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(r.policy_dir).eval()
+    tokens = np.asarray([[1, 45, 300, 22, 7, 99, 410, 3]], np.int32)
+    with torch.no_grad():
+        want = hf(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
+    got = np.asarray(nnx.merge(r.graphdef, r.params)(jnp.asarray(tokens)).logits)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    # Its tokenizer opens in transformers too (the llama2.c tok512 exported as tokenizer.json), same ids.
+    from ava_jax.tokenizers import load_tokenizer
+    ours = load_tokenizer(os.path.join(os.path.dirname(direct.__file__), "..", "assets", "tinystories-260k"))
+    theirs = transformers.AutoTokenizer.from_pretrained(r.policy_dir)
+    text = "Once upon a time, Lily saw a happy dog. She smiled!"
+    assert theirs.encode(text, add_special_tokens=False) == ours.encode(text)
+
+
+def test_reference_with_another_vocabulary_is_a_user_error(tmp_path):
+    other = str(tmp_path / "other")
+    save_pretrained(TQR(tiny_config("llama", vocab_size=97), rngs=nnx.Rngs(0)), None, other)
+    c = _tiny("dpo")
+    c.reference.path = other
+    with pytest.raises(errors.ConfigError, match=r"reference.path=.*vocabulary of 97 tokens.*512") as e:
+        direct.run(c)
+    assert errors.is_user_error(e.value)
+
+
+def test_policy_objective_in_the_reward_pipeline_and_back_is_an_error():
+    from ava_jax.pipelines import reward_model
+    with pytest.raises(errors.ConfigError, match="not a policy objective; known: dpo, sft"):
+        direct.default_config("bt")
+    with pytest.raises(errors.ConfigError, match="not a reward_model objective"):
+        reward_model.default_config("dpo")
+
+
+def test_win_rate_counts_ties_and_bootstraps_over_prompts():
+    a, b = np.array([1.0, 2.0, 3.0, 0.0]), np.array([0.0, 2.0, 3.5, 0.0])
+    w = win_rate(a, b, tau=0.25, groups_N=[0, 0, 1, 1])
+    assert (w.win, w.tie, w.lose) == (0.25, 0.5, 0.25) and w.n == 4
+    assert 0.0 <= w.win_ci[0] <= w.win <= w.win_ci[1] <= 0.5  # a prompt holds at most one of the two wins
+    with pytest.raises(ValueError, match="tau"):
+        win_rate(a, b, tau=-1.0)
+
+
+@pytest.mark.slow
+def test_dpo_on_the_synthetic_task_raises_the_true_reward():
+    """300 DPO steps from a scratch (near-uniform) policy on 4,096 synthetic pairs (about 80 s): the
+    true return of the policy's 1,024 held-out samples rises above the initial policy's (same prompts,
+    same keys) by more than 10 paired standard errors and by at least 3 (measured: -1.0 -> 11.2), and
+    the policy wins at least half of the paired comparisons more often than it loses (measured 0.955
+    against 0.029)."""
+    c = direct.default_config("dpo", "synthetic")
+    c.workdir, c.train.progress = "", False
+    r = direct.run(c)
+    d = r.per_sample["final"]["gold"] - r.per_sample["initial"]["gold"]
+    se = d.std(ddof=1) / np.sqrt(d.size)
+    assert d.size == 1024 and d.mean() > max(10 * se, 3.0), (d.mean(), se)
+    assert r.final["vs_initial_win"] == pytest.approx(np.mean(d > 0)) and r.final["vs_initial_lose"] == \
+        pytest.approx(np.mean(d < 0))
+    assert r.final["vs_initial_win"] > r.final["vs_initial_lose"] + 0.5, r.final
+
+
+@pytest.mark.slow
+def test_sft_on_the_synthetic_task_raises_the_chosen_likelihood():
+    """100 SFT steps on the synthetic chosen responses (about 40 s): the held-out chosen responses'
+    log-likelihood per token rises by more than 0.2 nats (a uniform policy starts near -log 8)."""
+    c = direct.default_config("sft", "synthetic")
+    c.workdir, c.train.progress, c.train.steps = "", False, 100
+    r = direct.run(c)
+    assert r.initial["heldout_loglik_chosen"] < -1.9
+    assert r.final["heldout_loglik_chosen"] > r.initial["heldout_loglik_chosen"] + 0.2, (r.initial, r.final)
