@@ -4,6 +4,7 @@ import importlib
 from ava_jax.errors import ConfigError
 
 PIPELINES = {
+    "best_of_n": "ava_jax.pipelines.best_of_n",
     "direct": "ava_jax.pipelines.direct",
     "generate": "ava_jax.pipelines.generate",
     "reward_model": "ava_jax.pipelines.reward_model",

@@ -184,3 +184,58 @@ def format_result(r: RewardModelResult, workdir: str = "") -> str:
     if workdir:
         lines.append(f"summary: {os.path.join(workdir, 'summary.json')}")
     return "\n".join(lines)
+
+
+@dataclasses.dataclass
+class TrainedRewardModel:
+    """A finished reward-model run, ready to score sequences (`load_trained`)."""
+
+    run_dir: str
+    objective: object  # objectives.Objective
+    loss_config: object
+    graphdef: object
+    params: object
+    tokenizer: object  # None for the synthetic task
+    config: ml_collections.ConfigDict
+
+    def score_fn(self):
+        """`score_fn(model, side) -> (score_B, sigma_B, lm_B)` as the run evaluated (its eval.score)."""
+        return self.objective.score_fn(self.loss_config, self.config.eval.score)
+
+
+def load_trained(run_dir: str, mesh=None) -> TrainedRewardModel:
+    """The reward model of a finished run directory: its config from `summary.json`, its parameters
+    from the best checkpoint (the latest when the run kept no best one).
+
+    Raises:
+      ConfigError: the directory holds no finished reward-model run (the message names it).
+    """
+    from ava_jax.errors import ConfigError
+    from ava_jax.train.checkpoint import RunCheckpointer
+    from ava_jax.train.setup import make_optimizer
+    from ava_jax.train.step import init_train_state
+    path = os.path.join(run_dir, "summary.json")
+    if not os.path.isfile(path):
+        raise ConfigError(f"{run_dir!r} is not a finished reward-model run: it has no summary.json")
+    with open(path, encoding="utf-8") as f:
+        summary = json.load(f)
+    if summary.get("pipeline") != "reward_model":
+        raise ConfigError(f"{path}: pipeline {summary.get('pipeline')!r}, not a reward_model run")
+    c = ml_collections.ConfigDict(summary["config"])
+    objective, lcfg = cfglib.objective_config(c, KIND)
+    vocab = c.data.synthetic.vocab_size if c.data.format == "synthetic" else None
+    model, tokenizer = build_tqr(cfglib.backbone_spec(c.model, vocab_size=vocab), cfglib.head_config(c.model), c.seed)
+    mesh = mesh or shd.make_mesh(**vars(cfglib.mesh_config(c.mesh)))
+    with jax.set_mesh(mesh):
+        graphdef, state = init_train_state(model, make_optimizer(cfglib.optimizer_config(c.train)), mesh)
+        ckpt = RunCheckpointer(run_dir, best_metric="accuracy")
+        try:
+            if ckpt.best_dir is not None:
+                state = ckpt.restore_best(state)
+            elif ckpt.latest_step() is not None:
+                state = ckpt.restore(state)
+            else:
+                raise ConfigError(f"{run_dir!r} has no checkpoint (the run wrote none: was its workdir set?)")
+        finally:
+            ckpt.close()
+    return TrainedRewardModel(run_dir, objective, lcfg, graphdef, state.params, tokenizer, c)
