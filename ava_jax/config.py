@@ -147,12 +147,12 @@ def loss_section(objective: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(values)
 
 
-def apply_objective_defaults(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Sets `config.loss` to the objective's section and applies its declared defaults (its head,
-    its evaluation score, its loss readings) over the pipeline's."""
-    obj = objectives.get(c.objective)
+def apply_objective_defaults(c: ml_collections.ConfigDict, kind: str) -> ml_collections.ConfigDict:
+    """Sets `config.loss` to the objective's section and applies its declared defaults for this kind
+    of pipeline (its head, its evaluation score, its loss readings) over the pipeline's."""
+    obj = objectives.get(c.objective, kind)
     c.loss = loss_section(obj.name)
-    for section, values in obj.defaults.items():
+    for section, values in obj.defaults.get(kind, {}).items():
         for key, value in values.items():
             if key not in c[section]:
                 raise ValueError(f"objective {obj.name!r} sets {section}.{key}, which the config does not have")

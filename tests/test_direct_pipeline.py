@@ -67,7 +67,7 @@ def test_reference_with_another_vocabulary_is_a_user_error(tmp_path):
 
 def test_policy_objective_in_the_reward_pipeline_and_back_is_an_error():
     from ava_jax.pipelines import reward_model
-    with pytest.raises(errors.ConfigError, match="not a policy objective; known: dpo, sft"):
+    with pytest.raises(errors.ConfigError, match="not a policy objective; known: ava_d, ava_p, dpo, sft"):
         direct.default_config("bt")
     with pytest.raises(errors.ConfigError, match="not a reward_model objective"):
         reward_model.default_config("dpo")
@@ -109,3 +109,26 @@ def test_sft_on_the_synthetic_task_raises_the_chosen_likelihood():
     r = direct.run(c)
     assert r.initial["heldout_loglik_chosen"] < -1.9
     assert r.final["heldout_loglik_chosen"] > r.initial["heldout_loglik_chosen"] + 0.2, (r.initial, r.final)
+
+
+def test_ava_policy_keeps_q_causal_and_names_its_sampling_reading():
+    c = direct.default_config("ava_p", "tiny")
+    assert c.model.weight_heads == "reward" and c.model.q_param == "lm_logprobs"
+    assert (c.loss.normalize, c.loss.td_terminal) == ("sequence", "zero")
+    heads = direct.cfglib.head_config(c.model)
+    objective, lcfg = direct.cfglib.objective_config(c, "policy")
+    scfg = direct.task_sampling(direct.cfglib.data_config(c.data), c.sampling, None, 48)
+    assert direct._sampling_reading(c, heads, lcfg, scfg) == scfg  # "lm"
+    c.eval.sample_from = "boltzmann"
+    c.model.alpha, c.loss.beta = 0.5, 4.0
+    heads = direct.cfglib.head_config(c.model)
+    _, lcfg = direct.cfglib.objective_config(c, "policy")
+    assert direct._sampling_reading(c, heads, lcfg, scfg).temperature == pytest.approx(scfg.temperature / 2.0)
+    c.model.weight_heads = "both"
+    with pytest.raises(errors.ConfigError, match="weight_heads='both'.*depends on later tokens"):
+        direct._sampling_reading(c, direct.cfglib.head_config(c.model), lcfg, scfg)
+    d = direct.default_config("dpo", "tiny")
+    d.eval.sample_from = "boltzmann"
+    _, dcfg = direct.cfglib.objective_config(d, "policy")
+    with pytest.raises(errors.ConfigError, match="needs an AVA objective"):
+        direct._sampling_reading(d, direct.cfglib.head_config(d.model), dcfg, scfg)

@@ -21,8 +21,9 @@ from test_objectives import _pairs
 
 
 def test_registry_lists_policy_objectives_and_rejects_unknown_names():
-    assert {"sft", "dpo"} <= set(objectives.names("policy"))
-    assert not set(objectives.names("policy")) & set(objectives.names("reward_model"))
+    assert objectives.names("policy") == ("ava_d", "ava_p", "dpo", "sft")
+    # AVA serves both pipelines (a reward model, or the policy itself); the others one each.
+    assert set(objectives.names("policy")) & set(objectives.names("reward_model")) == {"ava_d", "ava_p"}
     with pytest.raises(ValueError, match="known: .*dpo.*sft"):
         objectives.get("dpo2")
     with pytest.raises(ValueError, match="is not a reward_model objective"):

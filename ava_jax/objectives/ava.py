@@ -86,17 +86,23 @@ def make_ava_reward_reader(cfg: AvaConfig):
 # summed reward means, counted once per pair in the Bradley-Terry form, a terminal TD target, the
 # weighting on the reward head only, and the summed reward means as the score. As printed
 # (token / sigmoid / last / none / both / last) it scored 57.5% there against 71.6%.
-AVA_P_DEFAULTS = {"loss": {"normalize": "sequence", "cer": "logsigmoid", "cer_score": "sum", "td_terminal": "zero"},
-                  "model": {"weight_heads": "reward"}, "eval": {"score": "sum"}}
+_READINGS = {"normalize": "sequence", "cer": "logsigmoid", "cer_score": "sum", "td_terminal": "zero"}
+AVA_P_DEFAULTS = {"loss": _READINGS, "model": {"weight_heads": "reward"}, "eval": {"score": "sum"}}
+# As a policy objective (pipeline `direct`) the TQR sits on the policy and its LM head gives Q
+# (q_param=lm_logprobs): the weighting stays on the reward head, so Q(s_t, .) never sees later tokens
+# and the fine-tuned LM can be sampled; the same readings keep the TD term from swamping CER.
+AVA_POLICY_DEFAULTS = {"loss": _READINGS, "model": {"weight_heads": "reward", "q_param": "lm_logprobs"}}
 
 AVA_P = register(Objective(
     name="ava_p", title="AVA-p", equation="method.md section 2 (paper Eq. 15: AVRIL + contrastive expected return)",
-    kind="reward_model", data="pairs", config_cls=AvaConfig, make_loss=make_ava_p_loss, make_score=make_ava_score,
-    make_reward_reader=make_ava_reward_reader, defaults=AVA_P_DEFAULTS, uncertainty=True,
+    kinds=("reward_model", "policy"), data="pairs", config_cls=AvaConfig, make_loss=make_ava_p_loss,
+    make_score=make_ava_score, make_reward_reader=make_ava_reward_reader,
+    defaults={"reward_model": AVA_P_DEFAULTS, "policy": AVA_POLICY_DEFAULTS}, uncertainty=True,
     score_keys=("last", "sum")))
 
 AVA_D = register(Objective(
     name="ava_d", title="AVA-d", equation="method.md section 2 (paper Eq. 13: the AVRIL ELBO on demonstrations)",
-    kind="reward_model", data="demonstrations", config_cls=AvaConfig, make_loss=make_ava_d_loss,
-    make_score=make_ava_score, make_reward_reader=make_ava_reward_reader, uncertainty=True,
+    kinds=("reward_model", "policy"), data="demonstrations", config_cls=AvaConfig, make_loss=make_ava_d_loss,
+    make_score=make_ava_score, make_reward_reader=make_ava_reward_reader, defaults={"policy": AVA_POLICY_DEFAULTS},
+    uncertainty=True,
     score_keys=("last", "sum")))

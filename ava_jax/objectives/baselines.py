@@ -73,12 +73,12 @@ def make_scalar_reward_reader(cfg):
 
 BT = register(Objective(
     name="bt", title="BT", equation="method.md section 3 (Bradley-Terry on the reward at the last token)",
-    kind="reward_model", data="pairs", config_cls=BradleyTerryConfig, make_loss=make_bt_loss,
+    kinds=("reward_model",), data="pairs", config_cls=BradleyTerryConfig, make_loss=make_bt_loss,
     make_score=make_bt_score, make_reward_reader=make_scalar_reward_reader,
     # A scalar reward at the last token: no weighting over positions (method.md section 1).
-    defaults={"model": {"reward_weighting": "none"}}))
+    defaults={"reward_model": {"model": {"reward_weighting": "none"}}}))
 
 PT = register(Objective(
     name="pt", title="PT", equation="method.md section 3 (Preference Transformer: sum_t w_t r_t)",
-    kind="reward_model", data="pairs", config_cls=PreferenceTransformerConfig, make_loss=make_pt_loss,
+    kinds=("reward_model",), data="pairs", config_cls=PreferenceTransformerConfig, make_loss=make_pt_loss,
     make_score=make_pt_score, make_reward_reader=make_scalar_reward_reader))

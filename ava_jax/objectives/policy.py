@@ -70,8 +70,8 @@ def make_dpo_loss(cfg: DpoConfig):
 
 SFT = register(Objective(
     name="sft", title="SFT", equation="method.md section 4 (negative log-likelihood of the response tokens)",
-    kind="policy", data="demonstrations", config_cls=SftConfig, make_loss=make_sft_loss))
+    kinds=("policy",), data="demonstrations", config_cls=SftConfig, make_loss=make_sft_loss))
 
 DPO = register(Objective(
     name="dpo", title="DPO", equation="Rafailov et al. 2023, Eq. 7 (and IPO, conservative, hinge: policy.md)",
-    kind="policy", data="pairs", config_cls=DpoConfig, make_loss=make_dpo_loss, frozen=("reference",)))
+    kinds=("policy",), data="pairs", config_cls=DpoConfig, make_loss=make_dpo_loss, frozen=("reference",)))

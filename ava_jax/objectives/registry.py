@@ -30,7 +30,8 @@ class Objective:
       name: the config value (`config.objective`).
       title: how tables and plots name it ("AVA-p").
       equation: where the objective is defined (method.md section or paper equation).
-      kind: "reward_model" (trains a scorer of sequences) or "policy" (trains the LM that generates).
+      kinds: the pipelines' kinds it serves: "reward_model" (trains a scorer of sequences) and/or
+        "policy" (trains the LM that generates; AVA serves both).
       data: "pairs" (preference pairs) or "demonstrations" (the chosen halves only).
       config_cls: frozen dataclass of its switches; `config.loss` holds exactly its fields.
       make_loss: `make_loss(cfg, **options) -> loss_fn(model, batch, rng, frozen)`.
@@ -38,8 +39,8 @@ class Objective:
         sequence score a reward model ranks by (`score` is `config.eval.score`); None if it has none.
       make_reward_reader: `make_reward_reader(cfg) -> reader(model, side) -> (mu_BxN, sigma_BxN,
         mask_BxN)`, the per-transition rewards (transition t's action is token t+1); None if none.
-      defaults: {config section: {key: value}} it sets over the pipeline's defaults, e.g. BT's
-        {"model": {"reward_weighting": "none"}}.
+      defaults: {kind: {config section: {key: value}}} it sets over that kind of pipeline's
+        defaults, e.g. BT's {"reward_model": {"model": {"reward_weighting": "none"}}}.
       frozen: names of the frozen models its loss reads from `frozen` (e.g. ("reference",)).
       uncertainty: its score has a meaningful sigma (calibration is reported).
       score_keys: the `config.eval.score` values make_score accepts.
@@ -48,7 +49,7 @@ class Objective:
     name: str
     title: str
     equation: str
-    kind: str
+    kinds: tuple[str, ...]
     data: str
     config_cls: type
     make_loss: Callable[..., Callable]
@@ -60,8 +61,10 @@ class Objective:
     score_keys: tuple[str, ...] = ("last",)
 
     def __post_init__(self):
-        if self.kind not in KINDS:
-            raise ValueError(f"Objective {self.name!r}: kind={self.kind!r} is not one of {KINDS}")
+        if not self.kinds or any(k not in KINDS for k in self.kinds):
+            raise ValueError(f"Objective {self.name!r}: kinds={self.kinds!r} must be drawn from {KINDS}")
+        if any(k not in self.kinds for k in self.defaults):
+            raise ValueError(f"Objective {self.name!r}: defaults for kinds {sorted(self.defaults)} it does not serve")
         if self.data not in DATA:
             raise ValueError(f"Objective {self.name!r}: data={self.data!r} is not one of {DATA}")
         if not dataclasses.is_dataclass(self.config_cls):
@@ -82,7 +85,7 @@ class Objective:
 
     def score_fn(self, cfg=None, score: str = "last"):
         if self.make_score is None:
-            raise ConfigError(f"objective {self.name!r} has no sequence score (it is a {self.kind} objective)")
+            raise ConfigError(f"objective {self.name!r} has no sequence score (it is not a reward-model objective)")
         if score not in self.score_keys:
             raise ConfigError(f"eval.score={score!r} is not one of {self.score_keys} for objective {self.name!r}")
         return self.make_score(self.config_cls() if cfg is None else cfg, score)
@@ -106,13 +109,13 @@ def register(objective: Objective) -> Objective:
 def names(kind: str | None = None, data: str | None = None) -> tuple[str, ...]:
     """Registered objective names (sorted), optionally of one kind and data type."""
     return tuple(sorted(n for n, o in _REGISTRY.items()
-                        if (kind is None or o.kind == kind) and (data is None or o.data == data)))
+                        if (kind is None or kind in o.kinds) and (data is None or o.data == data)))
 
 
 def get(name: str, kind: str | None = None) -> Objective:
     """The objective called `name`; ConfigError listing the known ones (of `kind`) if there is none."""
     obj = _REGISTRY.get(name)
-    if obj is None or (kind is not None and obj.kind != kind):
+    if obj is None or (kind is not None and kind not in obj.kinds):
         what = f"a {kind} objective" if kind else "a known objective"
         raise ConfigError(f"config.objective={name!r} is not {what}; known: {', '.join(names(kind))}")
     return obj

@@ -138,7 +138,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
             raise ConfigError(f"best_of_n.reward_models: {d!r} was trained with another tokenizer than the "
                               f"policy (model.path={config.model.path!r}); it would score other token ids. "
                               "Train it on the policy's tokenizer")
-        if rm.objective.kind != "reward_model":
+        if "reward_model" not in rm.objective.kinds:
             raise ConfigError(f"best_of_n.reward_models: {d!r} is not a reward model")
         rms[f"{rm.objective.title} ({os.path.basename(os.path.normpath(d))})"] = rm
     response_len = (config.data.stories.response_len if data_cfg.format == "stories"

@@ -1,5 +1,9 @@
 """The `direct` pipeline (paper Tables 4 and 5): train the policy itself on preference pairs or
-demonstrations (SFT, DPO), then judge it by its samples on held-out prompts.
+demonstrations (SFT, DPO, AVA-p, AVA-d), then judge it by its samples on held-out prompts.
+
+AVA as a policy objective: the TQR sits on the policy, its own LM head gives Q (q_param=lm_logprobs),
+a fresh reward head is trained jointly, and the fine-tuned LM is the policy that generates; the
+weighting multiplies the reward head only, so Q stays causal.
 
     python -m ava_jax.main --config=configs/dpo.py            # stories task + TinyStories-260K
     python -m ava_jax.main --config=configs/sft.py:synthetic  # the synthetic MDP, a scratch policy
@@ -37,6 +41,7 @@ from ava_jax.data.load import DataConfig, load_pair_splits
 from ava_jax.errors import ConfigError
 from ava_jax.eval.judges import StoriesJudge, SyntheticJudge
 from ava_jax.eval.policy import response_logprobs, sample_responses, win_rate
+from ava_jax.losses import AvaConfig
 from ava_jax.models import param_count
 from ava_jax.models.build import build_tqr
 from ava_jax.sampling import SamplingConfig
@@ -80,11 +85,19 @@ def default_config(objective: str, variant: str | None = None) -> ml_collections
         max_consecutive_bad_steps=5, progress=True))
     # Held-out judging: num_prompts test prompts, samples_per_prompt samples each from the initial and
     # the final policy (same prompts, same keys); tie_threshold is fixed before the run.
+    # sample_from (AVA): "lm" samples the fine-tuned LM at sampling.temperature; "boltzmann" samples
+    # pi(a|s) ∝ exp(beta Q(s, a)) with Q = alpha log pi_LM, i.e. the LM at temperature / (alpha beta).
+    # The two coincide when alpha beta = 1 (the default).
+    # split: whose prompts judge the policies ("validation" to choose settings, "test" to report);
+    # trajectory: judge at every eval_every step too (gold reward against KL along training).
     c.eval = ml_collections.ConfigDict(dict(num_prompts=128, samples_per_prompt=4, tie_threshold=0.0,
-                                            batch_size=64, seed=1234))
+                                            batch_size=64, seed=1234, sample_from="lm", split="test",
+                                            trajectory=False))
     c.sampling.temperature = 1.0
+    # The policy's Q must stay causal: the bidirectional weighting w_t multiplies the reward head only.
+    c.model.weight_heads = "reward"
     c.export = True  # the final policy as a Hugging Face directory at <workdir>/policy
-    cfglib.apply_objective_defaults(c)
+    cfglib.apply_objective_defaults(c, KIND)
     c.workdir = f"runs/direct_{objective}" if variant in ("", "synthetic") else ""
     if variant in ("", "tiny"):
         c.data.stories.update(num_pairs=2048, num_eval_pairs=256)
@@ -141,6 +154,23 @@ def task_sampling(d: DataConfig, s: ml_collections.ConfigDict, tokenizer, respon
                               top_p=float(s.top_p), eos_id=syn.EOS_ID, pad_id=syn.EOS_ID, prompt_bucket=8,
                               new_bucket=response_len + 1)
     return cfglib.sampling_config(s, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+
+
+def _sampling_reading(config, heads, lcfg, scfg: SamplingConfig) -> SamplingConfig:
+    """Checks that the policy's Q is causal and applies `eval.sample_from` (see default_config)."""
+    if heads.reward_weighting != "none" and heads.weight_heads == "both":
+        raise ConfigError("model.weight_heads='both' multiplies Q by the bidirectional weighting w_t, so Q(s_t, .) "
+                          "depends on later tokens and no policy can be sampled from it; the direct pipeline "
+                          "needs model.weight_heads='reward' (or model.reward_weighting='none')")
+    how = config.eval.sample_from
+    if how == "lm":
+        return scfg
+    if how != "boltzmann":
+        raise ConfigError(f"eval.sample_from={how!r} is not one of ('lm', 'boltzmann')")
+    if not hasattr(lcfg, "beta") or heads.q_param != "lm_logprobs" or not isinstance(lcfg, AvaConfig):
+        raise ConfigError("eval.sample_from='boltzmann' needs an AVA objective with model.q_param='lm_logprobs' "
+                          "(Q = alpha log pi_LM)")
+    return dataclasses.replace(scfg, temperature=scfg.temperature / (heads.alpha * lcfg.beta))
 
 
 def make_judge(d: DataConfig, tokenizer):
@@ -220,6 +250,7 @@ def run(config: ml_collections.ConfigDict):
     response_len = (config.data.stories.response_len if data_cfg.format == "stories"
                     else config.data.synthetic.response_len)
     scfg = task_sampling(data_cfg, config.sampling, tokenizer, response_len)
+    scfg = _sampling_reading(config, heads, lcfg, scfg)
     mesh = shd.make_mesh(**vars(cfglib.mesh_config(config.mesh)))
     t, e = config.train, config.eval
     pad_multiple = data_cfg.pad_to_multiple
@@ -252,11 +283,23 @@ def run(config: ml_collections.ConfigDict):
                          workdir=config.workdir, best_metric="loss", best_mode="min", frozen=frozen)
         val_loss = _validation_loss(run_.graphdef, loss_fn, splits["validation"], refs.get("validation"),
                                     run_.step.frozen, e.batch_size, pad_id, pad_multiple)
-        state = run_.train(jax.random.key(config.seed), lambda s: val_loss(s.params))
-        judging = PolicyEvaluation(heldout_prompts(splits["test"], e.num_prompts), scfg,
+        if e.split not in ("validation", "test"):
+            raise ConfigError(f"eval.split={e.split!r} is not one of ('validation', 'test')")
+        judging = PolicyEvaluation(heldout_prompts(splits[e.split], e.num_prompts), scfg,
                                    make_judge(data_cfg, tokenizer), pad_id, jax.random.key(e.seed),
-                                   e.samples_per_prompt, e.batch_size, splits["test"], pad_multiple)
+                                   e.samples_per_prompt, e.batch_size, splits[e.split], pad_multiple)
         before, per0 = judging.evaluate(initial, initial.backbone)
+        trajectory = [{"step": 0, **before}]
+
+        def evaluate(s):
+            metrics = val_loss(s.params)
+            if e.trajectory:  # the held-out judging too, so gold reward can be plotted against KL
+                judged, _ = judging.evaluate(nnx.merge(run_.graphdef, s.params), initial.backbone)
+                trajectory.append({"step": int(jax.device_get(s.step)), **judged})
+                metrics.update({f"judge/{k}": v for k, v in judged.items()})
+            return metrics
+
+        state = run_.train(jax.random.key(config.seed), evaluate)
         trained = nnx.merge(run_.graphdef, state.params)
         after, per1 = judging.evaluate(trained, initial.backbone)
         if "gold" in per1:
@@ -267,9 +310,11 @@ def run(config: ml_collections.ConfigDict):
         run_.writer.write(int(state.step), {f"final/{k}": v for k, v in after.items()})
         ckpt_dir = run_.checkpoint_dir
         run_.close()
+    if not e.trajectory or trajectory[-1]["step"] != int(state.step):
+        trajectory.append({"step": int(state.step), **after})
     result = DirectResult(objective.name, before, after, ckpt_dir, "", time.perf_counter() - t0,
                           {k: v for k, v in extra.items() if not k.endswith("_prefs")},
-                          examples=_examples(per0, per1, tokenizer))
+                          examples=_examples(per0, per1, tokenizer), trajectory=trajectory)
     if config.workdir and config.export:
         result.policy_dir = export_policy(trained, tokenizer, os.path.join(config.workdir, "policy"))
     result.wall_s = time.perf_counter() - t0
@@ -335,6 +380,9 @@ class DirectResult:
     wall_s: float
     extra: dict
     examples: list = dataclasses.field(default_factory=list)
+    # [{"step", gold_reward, kl_to_initial, ...}]: the initial policy, every periodic evaluation when
+    # eval.trajectory is set, and the final policy
+    trajectory: list = dataclasses.field(default_factory=list)
     params: object = dataclasses.field(default=None, repr=False)
     graphdef: object = dataclasses.field(default=None, repr=False)
     # {"initial", "final"} -> {"gold", "logp", "logp_initial", "samples"}: the held-out samples, paired
@@ -346,7 +394,8 @@ def write_summary(r: DirectResult, config: ml_collections.ConfigDict) -> str:
     path = os.path.join(config.workdir, "summary.json")
     payload = {"pipeline": "direct", "objective": r.objective, "step": int(config.train.steps), "wall_s": r.wall_s,
                "initial": r.initial, "final": r.final, "checkpoint": r.checkpoint_dir, "policy": r.policy_dir,
-               "extra": r.extra, "examples": r.examples, "config": config.to_dict()}
+               "extra": r.extra, "examples": r.examples, "trajectory": r.trajectory,
+               "config": config.to_dict()}
     os.makedirs(config.workdir, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         json.dump(payload, f, indent=2, default=float, allow_nan=True)
@@ -356,7 +405,7 @@ def write_summary(r: DirectResult, config: ml_collections.ConfigDict) -> str:
 def format_result(r: DirectResult, workdir: str = "") -> str:
     rows = [("gold reward of samples", "gold_reward", "{:.3f}"), ("KL to the initial policy (nats)", "kl_to_initial",
             "{:.3f}"), ("initial LM log-lik per sample token", "initial_loglik_per_token", "{:.3f}"),
-            ("held-out log-lik, test chosen (per token)", "heldout_loglik_chosen", "{:.3f}")]
+            ("held-out log-lik of chosen responses (per token)", "heldout_loglik_chosen", "{:.3f}")]
     lines = [f"\n{r.objective} (direct): finished in {r.wall_s:.0f} s", "| | initial | final | change |",
              "|---|---|---|---|"]
     for name, key, fmt in rows:

@@ -61,7 +61,7 @@ def default_config(objective: str, variant: str | None = None) -> ml_collections
     c.eval = ml_collections.ConfigDict(dict(score="last", batch_size=64))
     # The objective's own config.loss section and its declared defaults (its head, its score), e.g.
     # no weighting over positions for BT and AVA-p's readings chosen on the stories validation split.
-    cfglib.apply_objective_defaults(c)
+    cfglib.apply_objective_defaults(c, KIND)
     # The main job keeps its checkpoints (and resumes from them); the quick variants write nothing.
     c.workdir = f"runs/{objective}" if variant in ("", "hh", "paper") else ""
     if variant in ("", "tiny"):
