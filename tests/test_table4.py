@@ -1,0 +1,29 @@
+"""The Table 4 driver on the tiny variants: every cell, the paired duel, the figure and the reading."""
+import json
+
+import pytest
+
+from ava_jax.pipelines import table4
+
+
+@pytest.mark.slow
+def test_table4_smoke(tmp_path):
+    """Four tiny synthetic runs (about 1.5 min on an idle 2-core machine)."""
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "t4.md"
+    payload = table4.run_table(("synthetic",), (0, 1), tiny=True, command="test")
+    paths = table4.write_outputs(payload, str(out))
+    d = payload["datasets"]["synthetic"]
+    assert set(d["runs"]) == {"DPO", "AVA-p"} and all(len(v) == 2 for v in d["runs"].values())
+    for runs in d["runs"].values():
+        for r in runs:
+            assert r["trajectory"][0]["step"] == 0 and r["trajectory"][0]["kl_to_initial"] == pytest.approx(0, abs=1e-4)
+            assert r["trajectory"][-1]["step"] == 6 and len(r["trajectory"]) >= 3
+    duel = d["ava_vs_dpo"][0]
+    assert duel["win"] + duel["tie"] + duel["lose"] == pytest.approx(1.0)
+    md = out.read_text()
+    assert "| AVA-p |" in md and "| DPO |" in md and "## Reading" in md
+    assert any(w in md for w in ("confirmed", "contradicted"))
+    with open(paths["synthetic"], "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((tmp_path / "t4.json").read_text())["seeds"] == [0, 1]
