@@ -64,8 +64,11 @@ def data_section() -> ml_collections.ConfigDict:
     # The stories task (docs/stories.md): TinyStories-260K continuations, gold per-token rewards from
     # a shipped word rule; generated once and cached under data.stories.cache_dir (default
     # $AVA_JAX_CACHE or ~/.cache/ava_jax).
+    # Demonstrations (pipeline direct, data.source="demonstrations"): the gold-best of num_demo_candidates
+    # samples per prompt, num_demos for train and num_eval_demos for each evaluation split.
     d.stories = ml_collections.ConfigDict(dict(num_pairs=4096, num_eval_pairs=1024, response_len=48, temperature=1.0,
-                                               bt_temperature=0.375, seed=0, data_seed=0, cache_dir=""))
+                                               bt_temperature=0.375, seed=0, data_seed=0, cache_dir="",
+                                               num_demos=1024, num_eval_demos=256, num_demo_candidates=4))
     return d
 
 
@@ -241,8 +244,10 @@ def stories_config(d: ml_collections.ConfigDict, split: str):
     from ava_jax.data.stories import StoriesConfig
     try:
         return StoriesConfig(num_pairs=d.num_pairs if split == "train" else d.num_eval_pairs,
-                             response_len=d.response_len, temperature=float(d.temperature),
-                             bt_temperature=float(d.bt_temperature), split=split, seed=d.seed, data_seed=d.data_seed)
+                             num_demos=d.num_demos if split == "train" else d.num_eval_demos,
+                             num_demo_candidates=d.num_demo_candidates, response_len=d.response_len,
+                             temperature=float(d.temperature), bt_temperature=float(d.bt_temperature), split=split,
+                             seed=d.seed, data_seed=d.data_seed)
     except ValueError as e:
         raise ConfigError(f"data.stories: {e}".replace("StoriesConfig.", "data.stories.")) from e
 

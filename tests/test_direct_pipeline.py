@@ -101,14 +101,18 @@ def test_dpo_on_the_synthetic_task_raises_the_true_reward():
 
 
 @pytest.mark.slow
-def test_sft_on_the_synthetic_task_raises_the_chosen_likelihood():
-    """100 SFT steps on the synthetic chosen responses (about 40 s): the held-out chosen responses'
-    log-likelihood per token rises by more than 0.2 nats (a uniform policy starts near -log 8)."""
+def test_sft_on_expert_demonstrations_raises_the_experts_likelihood():
+    """100 SFT steps on the synthetic task's expert demonstrations (about 30 s): the held-out expert
+    responses' log-likelihood per token rises from near uniform (-log 8 = -2.08) by more than 0.4
+    nats, toward the expert's own (-1.19), and the policy's samples earn more true reward."""
     c = direct.default_config("sft", "synthetic")
     c.workdir, c.train.progress, c.train.steps = "", False, 100
     r = direct.run(c)
+    assert r.extra["test_expert_loglik"] == pytest.approx(-1.19, abs=0.05)
     assert r.initial["heldout_loglik_chosen"] < -1.9
-    assert r.final["heldout_loglik_chosen"] > r.initial["heldout_loglik_chosen"] + 0.2, (r.initial, r.final)
+    assert r.final["heldout_loglik_chosen"] > r.initial["heldout_loglik_chosen"] + 0.4, (r.initial, r.final)
+    assert r.final["heldout_loglik_chosen"] < r.extra["test_expert_loglik"] + 0.05  # not above the expert
+    assert r.final["gold_reward"] > r.initial["gold_reward"] + 1.0
 
 
 def test_ava_policy_keeps_q_causal_and_names_its_sampling_reading():
@@ -132,3 +136,21 @@ def test_ava_policy_keeps_q_causal_and_names_its_sampling_reading():
     _, dcfg = direct.cfglib.objective_config(d, "policy")
     with pytest.raises(errors.ConfigError, match="needs an AVA objective"):
         direct._sampling_reading(d, direct.cfglib.head_config(d.model), dcfg, scfg)
+
+
+def test_afd_pairs_from_an_sft_policy_and_source_errors(tmp_path):
+    """DPO w/ AfD: the pairs are an SFT policy's sample (chosen) against the initial policy's (rejected)
+    for each demonstration prompt; the wrong source for an objective is a user error."""
+    sft = _tiny("sft", str(tmp_path / "sft"))
+    assert direct._data_source(sft, direct.objectives.get("sft")) == "demonstrations"
+    direct.run(sft)
+    c = _tiny("dpo")
+    c.data.source, c.data.afd_policy = "afd", str(tmp_path / "sft" / "policy")
+    r = direct.run(c)
+    assert r.extra["afd"]["pairs"] == {"train": 32, "validation": 16}
+    c.data.afd_policy = ""
+    with pytest.raises(errors.ConfigError, match="needs data.afd_policy"):
+        direct.run(c)
+    c.data.source = "demonstrations"
+    with pytest.raises(errors.ConfigError, match="learns from pairs"):
+        direct.run(c)

@@ -258,6 +258,10 @@ def test_determinism_and_cache(prefs, cache_dir):
     assert len(set(other_seed.prompts) & set(prefs.prompts)) >= SMALL.num_pairs // 4
     assert other_seed.chosen_text != prefs.chosen_text
     assert st.cache_key(SMALL, "preferences") != st.cache_key(dataclasses.replace(SMALL, data_seed=1), "preferences")
+    # A field the kind does not read leaves its key alone; one it reads changes it.
+    fewer_demos = dataclasses.replace(SMALL, num_demos=SMALL.num_demos + 1)
+    assert st.cache_key(SMALL, "preferences") == st.cache_key(fewer_demos, "preferences")
+    assert st.cache_key(SMALL, "demonstrations") != st.cache_key(fewer_demos, "demonstrations")
 
 
 def test_cache_keeps_texts_exactly(prefs, tmp_path):

@@ -15,10 +15,12 @@ import logging
 import os
 from typing import Mapping
 
-from ava_jax.data.ground_truth import pair_arrays
-from ava_jax.data.readers import read_preferences
-from ava_jax.data.splits import DEFAULT_FRACTIONS, HH_HARMLESS_BASE_TEST, SPLIT_BY, split_preferences
-from ava_jax.data.tokenization import tokenize_pairs
+import numpy as np
+
+from ava_jax.data.ground_truth import demonstration_arrays, pair_arrays
+from ava_jax.data.readers import read_demonstrations, read_preferences
+from ava_jax.data.splits import DEFAULT_FRACTIONS, HH_HARMLESS_BASE_TEST, SPLIT_BY, split_preferences, split_rows
+from ava_jax.data.tokenization import tokenize_demonstrations, tokenize_pairs
 from ava_jax.data.validate import ON_BAD_ROW
 from ava_jax.errors import ConfigError, DataError
 
@@ -114,6 +116,67 @@ def load_pair_splits(d: DataConfig, tokenizer=None):
         splits[name] = arrays
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else (tokenizer.eos_id or 0)
     return splits, pad, {"split_method": method}
+
+
+def load_demonstration_splits(d: DataConfig, tokenizer=None):
+    """Returns ({split: SeqArrays}, pad_id, extra): demonstrations by format.
+
+    "synthetic": the Boltzmann-optimal expert's responses (extra[f"{split}_expert_loglik"]: the
+    expert's own mean log-likelihood per response token); "stories": the gold-best of K samples per
+    prompt; "hh" (the chosen dialogue's last assistant turn) and "jsonl" ({prompt, response} rows):
+    read, split by prompt hash (or data.validation_path / data.test_path) and tokenised.
+    """
+    extra = {}
+    if d.format in ("synthetic", "stories"):
+        from ava_jax.data import synthetic as syn
+        splits = {}
+        for name in SPLITS:
+            if d.format == "synthetic":
+                demos = syn.make_demonstrations(d.synthetic[name])
+                resp = demos.mask_NxT & (np.arange(demos.tokens_NxT.shape[1])[None] >= demos.prompt_len_N[:, None])
+                extra[f"{name}_expert_loglik"] = float(demos.expert_logprob_NxT[resp].sum() / resp.sum())
+            else:
+                from ava_jax.data import stories
+                demos = stories.load_or_make_demonstrations(d.stories[name], d.stories_cache_dir or None)
+            extra[f"{name}_demo_return"] = float(np.mean(demos.return_N))
+            splits[name] = demonstration_arrays(demos)
+            log.info("%s %s: %d demonstrations, mean gold return %.3f", d.format, name, len(splits[name]),
+                     extra[f"{name}_demo_return"])
+        if d.format == "synthetic":
+            return splits, syn.EOS_ID, extra
+        from ava_jax.data import stories
+        return splits, stories.EOS_ID, extra
+    if tokenizer is None:
+        raise ConfigError(f"data.format={d.format!r} needs a tokenizer, and the model (model.path) has none")
+    if d.format not in ("hh", "jsonl"):
+        raise ConfigError(f"data.format={d.format!r} has no demonstrations reader; use 'jsonl' ({{prompt, "
+                          "response}} rows), 'hh', 'synthetic' or 'stories'")
+    if d.format == "jsonl" and not d.path:
+        raise ConfigError("data.format='jsonl' needs --config.data.path=FILE")
+    files = {"train": ("path", d.path or HH_HARMLESS_BASE_TEST)}
+    files.update({n: (f"{n}_path", getattr(d, f"{n}_path")) for n in ("validation", "test") if getattr(d, f"{n}_path")})
+    rows = {}
+    for name, (key, path) in files.items():
+        require_file(key, path)
+        rows[name], report = read_demonstrations(path, d.format, on_bad_row=d.on_bad_row,
+                                                 max_bad_fraction=d.max_bad_fraction)
+        log.info("%s: %d rows, %d kept, bad rows by reason %s", report.path, report.n_rows, report.n_kept,
+                 dict(report.bad_counts))
+    missing = [n for n in ("validation", "test") if n not in files]
+    if missing:
+        fractions = DEFAULT_FRACTIONS if len(missing) == 2 else (0.9, 0.1)
+        rows.update(split_rows(rows["train"], fractions, ("train", *missing)))
+    splits = {}
+    for name in SPLITS:
+        part = rows[name][: d.max_pairs[name]] if d.max_pairs.get(name) else rows[name]
+        arrays, rep = tokenize_demonstrations(part, tokenizer, d.max_len, check_roundtrip=d.check_roundtrip,
+                                              on_bad_row=d.on_bad_row, max_bad_fraction=d.max_bad_fraction)
+        if len(arrays) == 0:
+            raise DataError(f"data.path={d.path or 'bundled HH-RLHF'!r}: the {name} split has no demonstrations "
+                            f"(split sizes by prompt hash: { {k: len(v) for k, v in rows.items()} })")
+        splits[name] = arrays
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else (tokenizer.eos_id or 0)
+    return splits, pad, extra
 
 
 def _ground_truth_splits(d: DataConfig):

@@ -305,12 +305,19 @@ def _file_sha256(path: str) -> str:
         return hashlib.sha256(f.read()).hexdigest()
 
 
+# Config fields a dataset kind does not read: left out of its cache key, so e.g. the number of
+# demonstrations does not invalidate cached preference pairs.
+_UNUSED_FIELDS = {"preferences": ("num_demos", "num_demo_candidates"), "demonstrations": ("num_pairs",)}
+
+
 def cache_key(cfg: StoriesConfig, kind: str) -> str:
-    """sha256 over the config, the bundled model and tokenizer files, the gold rule, the prompt words,
-    FORMAT_VERSION and the JAX version and backend (random streams may differ across them)."""
+    """sha256 over the config fields the kind reads, the bundled model and tokenizer files, the gold
+    rule, the prompt words, FORMAT_VERSION and the JAX version and backend (random streams may differ
+    across them)."""
     import jax
     files = [os.path.join(MODEL_DIR, n) for n in ("stories260K.bin", "tok512.bin")] + [LEXICON_PATH, NEGATIONS_PATH]
-    blob = dict(kind=kind, cfg=dataclasses.asdict(cfg), format=FORMAT_VERSION, jax=jax.__version__,
+    fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _UNUSED_FIELDS.get(kind, ())}
+    blob = dict(kind=kind, cfg=fields, format=FORMAT_VERSION, jax=jax.__version__,
                 backend=jax.default_backend(), files=[_file_sha256(f) for f in files],
                 prompts=[NAMES, ANIMALS, PLACES, ADJECTIVES, OBJECTS, TEMPLATES, PROMPT_BUCKET, SPLIT_SALT])
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()

@@ -37,7 +37,8 @@ from ava_jax import objectives
 from ava_jax import sharding as shd
 from ava_jax.data import make_dataset, make_iterator
 from ava_jax.data import synthetic as syn
-from ava_jax.data.load import DataConfig, load_pair_splits
+from ava_jax.data.load import DataConfig, load_demonstration_splits, load_pair_splits
+from ava_jax.data.tokenization import PairArrays, SeqArrays
 from ava_jax.errors import ConfigError
 from ava_jax.eval.judges import StoriesJudge, SyntheticJudge
 from ava_jax.eval.policy import response_logprobs, sample_responses, win_rate
@@ -46,7 +47,8 @@ from ava_jax.models import param_count
 from ava_jax.models.build import build_tqr
 from ava_jax.sampling import SamplingConfig
 from ava_jax.train.loop import IteratorBatches
-from ava_jax.train.reference import ReferenceCache, pair_sequence_logprobs, tokenizer_fingerprint
+from ava_jax.train.reference import (ReferenceCache, pair_sequence_logprobs, sequence_logprobs_of,
+                                     tokenizer_fingerprint)
 from ava_jax.train.setup import start_run
 from ava_jax.train.step import metric_means
 
@@ -75,6 +77,11 @@ def default_config(objective: str, variant: str | None = None) -> ml_collections
     c.data = cfglib.data_section()
     c.data.format = "stories"
     c.data.pad_to_multiple = 16
+    # source: "pairs", "demonstrations", or "afd" (Init-SFT pairs from the demonstrations' prompts:
+    # chosen = a sample of the SFT policy at data.afd_policy, rejected = one of the initial policy);
+    # "auto" picks pairs or demonstrations by the objective.
+    c.data.source = "auto"
+    c.data.afd_policy = ""
     # The frozen reference (DPO): the initial policy, or the checkpoint at reference.path. Its log-probs of the training pairs are computed
     # once and cached under cache_dir (default <workdir>/reference, or none without a workdir);
     # online=True runs it inside every train step instead.
@@ -103,7 +110,7 @@ def default_config(objective: str, variant: str | None = None) -> ml_collections
         c.data.stories.update(num_pairs=2048, num_eval_pairs=256)
         c.train.update(learning_rate=5e-4 if objective == "dpo" else 1e-3)
         if variant == "tiny":
-            c.data.stories.update(num_pairs=32, num_eval_pairs=16)
+            c.data.stories.update(num_pairs=32, num_eval_pairs=16, num_demos=32, num_eval_demos=16)
             c.train.update(steps=4, batch_size=8, warmup_steps=1, log_every=2, eval_every=0, checkpoint_every=0)
             c.eval.update(num_prompts=4, samples_per_prompt=2, batch_size=8)
     else:
@@ -185,7 +192,8 @@ def make_judge(d: DataConfig, tokenizer):
 def heldout_prompts(arrays, n: int) -> list[list[int]]:
     """The first n distinct prompts of a split (token lists, BOS included), in row order."""
     seen, out = set(), []
-    for tokens, plen in zip(arrays.chosen.tokens, arrays.chosen.prompt_len_N):
+    seqs = arrays.chosen if isinstance(arrays, PairArrays) else arrays
+    for tokens, plen in zip(seqs.tokens, seqs.prompt_len_N):
         p = tuple(int(t) for t in tokens[:plen])
         if p not in seen:
             seen.add(p)
@@ -228,9 +236,15 @@ class PolicyEvaluation:
             m.update(gold_reward=float(gold.mean()), gold_reward_sd=float(gold.std(ddof=1)) if gold.size > 1 else 0.0)
             per["gold"] = gold
         graphdef, params = nnx.split(model, nnx.Param)
-        c, _, _ = pair_sequence_logprobs(graphdef, params, self.test_arrays, batch_size=self.batch_size,
-                                         pad_id=self.pad_id, pad_to_multiple=self.pad_to_multiple)
-        n_tok = self.test_arrays.chosen.len_N - self.test_arrays.chosen.prompt_len_N
+        if isinstance(self.test_arrays, PairArrays):  # the chosen responses
+            c, _, _ = pair_sequence_logprobs(graphdef, params, self.test_arrays, batch_size=self.batch_size,
+                                             pad_id=self.pad_id, pad_to_multiple=self.pad_to_multiple)
+            seqs = self.test_arrays.chosen
+        else:  # the demonstrations
+            c = sequence_logprobs_of(graphdef, params, self.test_arrays, batch_size=self.batch_size,
+                                     pad_id=self.pad_id, pad_to_multiple=self.pad_to_multiple)
+            seqs = self.test_arrays
+        n_tok = seqs.len_N - seqs.prompt_len_N
         m["heldout_loglik_chosen"] = float(c.sum() / max(n_tok.sum(), 1))
         per["samples"] = samples
         return m, per
@@ -246,18 +260,27 @@ def run(config: ml_collections.ConfigDict):
     model, tokenizer = build_tqr(spec, heads, config.seed)
     initial, _ = build_tqr(spec, heads, config.seed)  # the same weights: the baseline (and default reference)
     reference = load_reference(config, initial, tokenizer)
-    splits, pad_id, extra = load_pair_splits(data_cfg, tokenizer)
     response_len = (config.data.stories.response_len if data_cfg.format == "stories"
                     else config.data.synthetic.response_len)
     scfg = task_sampling(data_cfg, config.sampling, tokenizer, response_len)
     scfg = _sampling_reading(config, heads, lcfg, scfg)
     mesh = shd.make_mesh(**vars(cfglib.mesh_config(config.mesh)))
+    source = _data_source(config, objective)
+    if source == "pairs":
+        splits, pad_id, extra = load_pair_splits(data_cfg, tokenizer)
+    else:
+        splits, pad_id, extra = load_demonstration_splits(data_cfg, tokenizer)
+        if source == "afd":
+            with jax.set_mesh(mesh):
+                splits, extra["afd"] = _afd_splits(config, splits, initial, tokenizer, scfg)
+    wrap = _as_pair_batch if isinstance(splits["train"], SeqArrays) else None
     t, e = config.train, config.eval
     pad_multiple = data_cfg.pad_to_multiple
     needs_reference = "reference" in objective.frozen and not getattr(lcfg, "reference_free", False)
     with jax.set_mesh(mesh):
-        log.info("mesh: %s; %s policy, %d parameters; objective %s; %d train pairs", shd.describe(mesh),
-                 model.cfg.arch, param_count(model), objective.name, len(splits["train"]))
+        log.info("mesh: %s; %s policy, %d parameters; objective %s; %d train %s", shd.describe(mesh),
+                 model.cfg.arch, param_count(model), objective.name, len(splits["train"]),
+                 "demonstrations" if wrap else "pairs")
         refs, frozen = {}, None
         if needs_reference and config.reference.online:
             frozen = {"reference": reference}
@@ -271,7 +294,7 @@ def run(config: ml_collections.ConfigDict):
                 refs[split] = cache.load_or_compute(g0, p0, splits[split], tokenizer, settings)
             extra["reference_cache"] = {"dir": cache_dir, "computed": refs["train"].computed,
                                         "forward_batches": cache.forward_passes}
-        attach = refs["train"].attach if "train" in refs else None
+        attach = refs["train"].attach if "train" in refs else wrap
         batches = IteratorBatches(make_iterator(splits["train"], t.batch_size, config.seed, pad_id=pad_id,
                                                 pad_to_multiple=pad_multiple), transform=attach)
         example = make_dataset(splits["train"], t.batch_size, config.seed, pad_id=pad_id,
@@ -281,8 +304,10 @@ def run(config: ml_collections.ConfigDict):
         run_ = start_run(model, loss_fn, batches, example, mesh=mesh, optimizer=cfglib.optimizer_config(t),
                          loop=cfglib.loop_options(t), step_options=cfglib.step_options(t),
                          workdir=config.workdir, best_metric="loss", best_mode="min", frozen=frozen)
-        val_loss = _validation_loss(run_.graphdef, loss_fn, splits["validation"], refs.get("validation"),
-                                    run_.step.frozen, e.batch_size, pad_id, pad_multiple)
+        val_ref = refs.get("validation")
+        val_loss = _validation_loss(run_.graphdef, loss_fn, splits["validation"],
+                                    val_ref.attach if val_ref is not None else wrap, run_.step.frozen, e.batch_size,
+                                    pad_id, pad_multiple)
         if e.split not in ("validation", "test"):
             raise ConfigError(f"eval.split={e.split!r} is not one of ('validation', 'test')")
         judging = PolicyEvaluation(heldout_prompts(splits[e.split], e.num_prompts), scfg,
@@ -326,7 +351,49 @@ def run(config: ml_collections.ConfigDict):
     return result
 
 
-def _validation_loss(graphdef, loss_fn, arrays, ref, frozen, batch_size, pad_id, pad_multiple):
+def _as_pair_batch(batch: dict) -> dict:
+    """A demonstration batch as the objectives read it: the sequences as the chosen side."""
+    return {"chosen": {k: batch[k] for k in ("tokens_BxT", "mask_BxT", "prompt_len_B")}, "index_B": batch["index_B"]}
+
+
+def _data_source(config, objective) -> str:
+    """`data.source`: "auto" is "pairs" for pair objectives and "demonstrations" for the others."""
+    source = config.data.source
+    if source == "auto":
+        return "pairs" if objective.data == "pairs" else "demonstrations"
+    if source not in ("pairs", "demonstrations", "afd"):
+        raise ConfigError(f"data.source={source!r} is not one of ('auto', 'pairs', 'demonstrations', 'afd')")
+    if source == "demonstrations" and objective.data == "pairs":
+        raise ConfigError(f"objective {objective.name!r} learns from pairs: data.source='demonstrations' has none; "
+                          "use data.source='afd' (pairs built from demonstrations) or 'pairs'")
+    if source == "afd" and not config.data.afd_policy:
+        raise ConfigError("data.source='afd' needs data.afd_policy=DIR: the SFT policy whose samples are the chosen "
+                          "responses (e.g. an SFT run's <workdir>/policy)")
+    return source
+
+
+def _afd_splits(config, demos: dict, initial, tokenizer, scfg):
+    """{split: Init-SFT PairArrays} for train and validation (test keeps the demonstrations: only its
+    prompts and held-out likelihood are read), plus a description for summary.json."""
+    from ava_jax.checkpoints.load import load_pretrained
+    from ava_jax.data.afd import afd_pairs
+    path = cfglib.resolve_path(config.data.afd_policy)
+    sft, sft_tok = load_pretrained(path, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
+                                   attention=config.model.attention)
+    if sft.cfg.vocab_size != initial.cfg.vocab_size or (
+            sft_tok is not None and tokenizer is not None
+            and tokenizer_fingerprint(sft_tok) != tokenizer_fingerprint(tokenizer)):
+        raise ConfigError(f"data.afd_policy={config.data.afd_policy!r} has another vocabulary or tokenizer than the "
+                          f"policy (model.path={config.model.path!r})")
+    key = jax.random.key(config.seed + 7919)
+    out = {name: afd_pairs(demos[name], sft.backbone, initial.backbone, scfg, jax.random.fold_in(key, i),
+                           batch_size=config.eval.batch_size)
+           for i, name in enumerate(("train", "validation"))}
+    out["test"] = demos["test"]
+    return out, {"sft_policy": path, "pairs": {k: len(v) for k, v in out.items() if k != "test"}}
+
+
+def _validation_loss(graphdef, loss_fn, arrays, transform, frozen, batch_size, pad_id, pad_multiple):
     """`fn(params) -> {metric: mean}` of the objective on the validation pairs (the loop's evaluation)."""
     @jax.jit
     def one(params, frozen_params, batch):  # the frozen models' parameters are arguments, as in the step
@@ -338,7 +405,7 @@ def _validation_loss(graphdef, loss_fn, arrays, ref, frozen, batch_size, pad_id,
     def fn(params):
         totals = {}
         for batch in ds:
-            batch = ref.attach(batch) if ref is not None else batch
+            batch = transform(batch) if transform is not None else batch
             for k, (s, c) in jax.device_get(one(params, frozen.params, batch)).items():
                 a, b = totals.get(k, (0.0, 0.0))
                 totals[k] = (a + float(s), b + float(c))

@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from ava_jax.data import make_dataset
-from ava_jax.objectives.policy import pair_logprobs
+from ava_jax.objectives.policy import pair_logprobs, response_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -47,14 +47,18 @@ def params_fingerprint(params) -> str:
     return h.hexdigest()
 
 
+PROBES = ("Once upon a time, the quick brown fox said: 'hello, world!' 123",
+          "  Tabs\tand\nnewlines, UNICODE: café, naïve, 東京, 🙂 <s></s> end.")
+
+
 def tokenizer_fingerprint(tokenizer) -> str:
-    """A stable description of a tokenizer: its class, vocabulary size and special ids, plus the
-    encoding of a probe string (so two vocabularies of one size differ). "" for None."""
+    """What makes two tokenizers give the same ids: vocabulary size, special ids and the encodings of
+    probe strings (so two vocabularies of one size differ), not the class that reads the files (a
+    llama2.c tok512 and its exported tokenizer.json agree). "" for None."""
     if tokenizer is None:
         return ""
-    probe = tokenizer.encode("Once upon a time, the quick brown fox said: 'hello, world!' 123")
-    return json.dumps({"class": type(tokenizer).__name__, "vocab": tokenizer.vocab_size, "bos": tokenizer.bos_id,
-                       "eos": tokenizer.eos_id, "pad": tokenizer.pad_id, "probe": list(map(int, probe))})
+    return json.dumps({"vocab": tokenizer.vocab_size, "bos": tokenizer.bos_id, "eos": tokenizer.eos_id,
+                       "pad": tokenizer.pad_id, "probes": [list(map(int, tokenizer.encode(p))) for p in PROBES]})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +118,24 @@ class ReferenceCache:
                                                            pad_id=self.pad_id, pad_to_multiple=self.pad_to_multiple)
         self.forward_passes += batches
         return chosen, rejected
+
+
+def sequence_logprobs_of(graphdef, params, arrays, *, batch_size: int, pad_id: int, pad_to_multiple: int | None):
+    """[N] each row's summed response log-probs under the model's LM, for SeqArrays (demonstrations)."""
+    @jax.jit
+    def one(params, batch):
+        model = nnx.merge(graphdef, params)
+        return response_logprobs(model, batch["tokens_BxT"], batch["mask_BxT"], batch["prompt_len_B"])[0]
+
+    ds = make_dataset(arrays, batch_size, 0, pad_id=pad_id, pad_to_multiple=pad_to_multiple, shuffle=False,
+                      num_epochs=1, drop_remainder=False)
+    out = np.zeros(len(arrays), np.float32)
+    for batch in ds:
+        n = batch["index_B"].shape[0]
+        if n < batch_size:
+            batch = jax.tree.map(lambda x: np.concatenate([x, np.repeat(x[:1], batch_size - n, 0)]), batch)
+        out[batch["index_B"][:n]] = np.asarray(one(params, {k: v for k, v in batch.items() if k != "index_B"}))[:n]
+    return out
 
 
 def pair_sequence_logprobs(graphdef, params, arrays, *, batch_size: int, pad_id: int, pad_to_multiple: int | None):
