@@ -154,3 +154,19 @@ def test_afd_pairs_from_an_sft_policy_and_source_errors(tmp_path):
     c.data.source = "demonstrations"
     with pytest.raises(errors.ConfigError, match="learns from pairs"):
         direct.run(c)
+
+
+@pytest.mark.slow
+def test_ava_p_direct_on_the_synthetic_task_raises_the_true_reward():
+    """300 AVA-p steps as a policy objective from a scratch policy on 4,096 synthetic pairs (about
+    50 s): the true return of 1,024 held-out samples rises by more than 10 paired standard errors and
+    by at least 2 (measured on validation prompts: -1.0 -> 3.0 at a KL of 1.9 nats), the policy wins
+    more than it loses, and the held-out chosen responses become more likely, not less."""
+    c = direct.default_config("ava_p", "synthetic")
+    c.workdir, c.train.progress = "", False
+    r = direct.run(c)
+    d = r.per_sample["final"]["gold"] - r.per_sample["initial"]["gold"]
+    se = d.std(ddof=1) / np.sqrt(d.size)
+    assert d.mean() > max(10 * se, 2.0), (d.mean(), se)
+    assert r.final["vs_initial_win"] > r.final["vs_initial_lose"] + 0.3, r.final
+    assert r.final["heldout_loglik_chosen"] > r.initial["heldout_loglik_chosen"], (r.initial, r.final)

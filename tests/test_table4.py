@@ -19,7 +19,7 @@ def test_table4_smoke(tmp_path):
         for r in runs:
             assert r["trajectory"][0]["step"] == 0 and r["trajectory"][0]["kl_to_initial"] == pytest.approx(0, abs=1e-4)
             assert r["trajectory"][-1]["step"] == 6 and len(r["trajectory"]) >= 3
-    duel = d["ava_vs_dpo"][0]
+    duel = d["duel"][0]
     assert duel["win"] + duel["tie"] + duel["lose"] == pytest.approx(1.0)
     md = out.read_text()
     assert "| AVA-p |" in md and "| DPO |" in md and "## Reading" in md
@@ -27,3 +27,16 @@ def test_table4_smoke(tmp_path):
     with open(paths["synthetic"], "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert json.loads((tmp_path / "t4.json").read_text())["seeds"] == [0, 1]
+
+
+@pytest.mark.slow
+def test_table5_smoke(tmp_path):
+    """One tiny synthetic seed of the four Table 5 rows (SFT, then AfD pairs from it; about 1.5 min)."""
+    pytest.importorskip("matplotlib")
+    from ava_jax.pipelines import table5
+    payload = table5.run_table(("synthetic",), (0,), tiny=True, command="test")
+    paths = table5.write_outputs(payload, str(tmp_path / "t5.md"))
+    runs = payload["datasets"]["synthetic"]["runs"]
+    assert list(runs) == ["SFT", "DPO w/ AfD", "AVA-p w/ AfD", "AVA-d"] and all(len(v) == 1 for v in runs.values())
+    md = (tmp_path / "t5.md").read_text()
+    assert "AVA-d against SFT" in md and "| AVA-p w/ AfD |" in md and paths["synthetic"].endswith(".png")

@@ -31,6 +31,9 @@ from ava_jax.pipelines import direct
 log = logging.getLogger(__name__)
 
 METHODS = {"DPO": "dpo", "AVA-p": "ava_p"}
+DUEL = ("AVA-p", "DPO")  # the paper's claim: the first outperforms the second
+CLAIM = "AVA-p outperforms DPO"
+TITLE = "Table 4: AVA-p against DPO, direct optimisation on preference pairs"
 DATASETS = {"synthetic": "synthetic", "stories": ""}
 TINY = {"synthetic": "synthetic_tiny", "stories": "tiny"}
 METRICS = (("gold reward", "gold_reward", 3), ("KL to initial", "kl_to_initial", 2),
@@ -38,36 +41,51 @@ METRICS = (("gold reward", "gold_reward", 3), ("KL to initial", "kl_to_initial",
            ("samples' log-lik under initial LM", "initial_loglik_per_token", 3))
 
 
-def run_config(method: str, dataset: str, seed: int, *, tiny: bool = False, trajectory_points: int = 4):
-    c = direct.default_config(METHODS[method], (TINY if tiny else DATASETS)[dataset])
+def run_config(method: str, dataset: str, seed: int, *, tiny: bool = False, trajectory_points: int = 4,
+               objective: str | None = None):
+    c = direct.default_config(objective or METHODS[method], (TINY if tiny else DATASETS)[dataset])
     c.seed, c.workdir, c.train.progress = seed, "", False
     c.eval.trajectory = True
     c.train.eval_every = max(1, c.train.steps // trajectory_points)
     return c
 
 
-def run_table(datasets=("synthetic", "stories"), seeds=(0, 1, 2), *, tiny: bool = False, command: str = "") -> dict:
-    """Runs every (dataset, method, seed); returns the JSON payload (`format_markdown` renders it)."""
+def _record(r) -> dict:
+    return {"initial": r.initial, "final": r.final, "trajectory": r.trajectory,
+            "gold": r.per_sample["final"]["gold"].tolist(), "wall_s": r.wall_s, "examples": r.examples[:2]}
+
+
+def seed_runs(dataset: str, seed: int, *, tiny: bool) -> dict:
+    """{method: record} of one seed: every method of METHODS from the same initial policy."""
+    out = {}
+    for method in METHODS:
+        log.info("table4: %s / %s / seed %d", dataset, method, seed)
+        out[method] = _record(direct.run(run_config(method, dataset, seed, tiny=tiny)))
+    return out
+
+
+def run_table(datasets=("synthetic", "stories"), seeds=(0, 1, 2), *, tiny: bool = False, command: str = "",
+              methods: dict | None = None, duel: tuple = DUEL, seed_fn=None) -> dict:
+    """Runs every (dataset, method, seed); returns the JSON payload (`format_markdown` renders it).
+
+    methods, duel, seed_fn: another table's (Table 5 reuses this driver).
+    """
+    methods, seed_fn = methods or METHODS, seed_fn or seed_runs
     t0 = time.perf_counter()
     payload = {"date": datetime.date.today().isoformat(), "command": command, "seeds": list(seeds),
-               "host": f"{platform.machine()}, Python {platform.python_version()}", "datasets": {}}
+               "host": f"{platform.machine()}, Python {platform.python_version()}", "datasets": {},
+               "duel": list(duel)}
     for dataset in datasets:
-        runs = {m: [] for m in METHODS}
+        runs = {m: [] for m in methods}
         for seed in seeds:
-            for method in METHODS:
-                log.info("table4: %s / %s / seed %d", dataset, method, seed)
-                r = direct.run(run_config(method, dataset, seed, tiny=tiny))
-                runs[method].append({"initial": r.initial, "final": r.final, "trajectory": r.trajectory,
-                                     "gold": r.per_sample["final"]["gold"].tolist(), "wall_s": r.wall_s,
-                                     "examples": r.examples[:2]})
-        groups = None
+            for method, record in seed_fn(dataset, seed, tiny=tiny).items():
+                runs[method].append(record)
         duels = []
-        for a, b in zip(runs["AVA-p"], runs["DPO"]):
-            n = len(a["gold"])
-            per_prompt = direct.default_config("dpo", (TINY if tiny else DATASETS)[dataset]).eval.samples_per_prompt
-            groups = np.repeat(np.arange(n // per_prompt), per_prompt)
+        per_prompt = direct.default_config("dpo", (TINY if tiny else DATASETS)[dataset]).eval.samples_per_prompt
+        for a, b in zip(runs[duel[0]], runs[duel[1]]):
+            groups = np.repeat(np.arange(len(a["gold"]) // per_prompt), per_prompt)
             duels.append(win_rate(a["gold"], b["gold"], tau=0.0, groups_N=groups).as_dict())
-        payload["datasets"][dataset] = {"runs": runs, "ava_vs_dpo": duels}
+        payload["datasets"][dataset] = {"runs": runs, "duel": duels}
     payload["wall_s"] = time.perf_counter() - t0
     return payload
 
@@ -78,13 +96,15 @@ def _mean_sd(xs) -> str:
 
 
 def reading(payload: dict) -> list[str]:
-    """The claim "AVA-p outperforms DPO" per dataset, decided on the seeds' paired gold differences."""
+    """The table's claim (its duel's first method outperforms the second) per dataset, decided on the
+    seeds' paired gold differences and the head-to-head."""
+    first, second = payload["duel"]
     lines = []
     for dataset, d in payload["datasets"].items():
         diff = np.asarray([a["final"]["gold_reward"] - b["final"]["gold_reward"]
-                           for a, b in zip(d["runs"]["AVA-p"], d["runs"]["DPO"])])
-        win = np.mean([x["win"] for x in d["ava_vs_dpo"]])
-        lose = np.mean([x["lose"] for x in d["ava_vs_dpo"]])
+                           for a, b in zip(d["runs"][first], d["runs"][second])])
+        win = np.mean([x["win"] for x in d["duel"]])
+        lose = np.mean([x["lose"] for x in d["duel"]])
         se = diff.std(ddof=1) / np.sqrt(diff.size) if diff.size > 1 else float("inf")
         if diff.mean() > 2 * se and win > lose:
             verdict = "confirmed"
@@ -92,16 +112,17 @@ def reading(payload: dict) -> list[str]:
             verdict = "contradicted"
         else:
             verdict = "not confirmed"
-        kl = [np.mean([r["final"]["kl_to_initial"] for r in d["runs"][m]]) for m in ("AVA-p", "DPO")]
-        lines.append(f"- **{dataset}: {verdict}.** AVA-p minus DPO gold reward {diff.mean():+.3f} (paired over "
-                     f"{diff.size} seed(s), standard error {se:.3f}); head-to-head AVA-p wins {win:.3f}, loses "
-                     f"{lose:.3f}; mean KL to the initial policy AVA-p {kl[0]:.2f} vs DPO {kl[1]:.2f} nats "
+        kl = [np.mean([r["final"]["kl_to_initial"] for r in d["runs"][m]]) for m in (first, second)]
+        lines.append(f"- **{dataset}: {verdict}.** {first} minus {second} gold reward {diff.mean():+.3f} (paired over "
+                     f"{diff.size} seed(s), standard error {se:.3f}); head-to-head {first} wins {win:.3f}, loses "
+                     f"{lose:.3f}; mean KL to the initial policy {first} {kl[0]:.2f} vs {second} {kl[1]:.2f} nats "
                      "(a gain bought with more KL is not a better trade-off: see the figure).")
     return lines
 
 
-def format_markdown(payload: dict, figures: dict | None = None) -> str:
-    out = [f"# Table 4: AVA-p against DPO, direct optimisation ({payload['date']})", ""]
+def format_markdown(payload: dict, figures: dict | None = None, title: str = TITLE, claim: str = CLAIM) -> str:
+    first, second = payload["duel"]
+    out = [f"# {title} ({payload['date']})", ""]
     if payload["command"]:
         out.append(f"Command: `{payload['command']}`  ")
     out += [f"Seeds {', '.join(map(str, payload['seeds']))}; mean ± sample sd over seeds. Host: {payload['host']}; "
@@ -109,24 +130,24 @@ def format_markdown(payload: dict, figures: dict | None = None) -> str:
     for dataset, d in payload["datasets"].items():
         out += [f"## {dataset}", "", "| method | " + " | ".join(name for name, _, _ in METRICS) + " |",
                 "|---|" + "---|" * len(METRICS)]
-        first = d["runs"]["DPO"]
+        base = next(iter(d["runs"].values()))
         out.append("| *initial policy* | " + " | ".join(
-            _mean_sd([r["initial"][k] for r in first]) if k in first[0]["initial"] else "-" for _, k, _ in METRICS)
+            _mean_sd([r["initial"][k] for r in base]) if k in base[0]["initial"] else "-" for _, k, _ in METRICS)
             + " |")
         for method, runs in d["runs"].items():
             out.append(f"| {method} | " + " | ".join(_mean_sd([r["final"].get(k, np.nan) for r in runs])
                                                      for _, k, _ in METRICS) + " |")
-        duels = d["ava_vs_dpo"]
-        out += ["", "AVA-p against DPO on the same prompts and keys (win / tie / lose, mean over seeds): "
+        duels = d["duel"]
+        out += ["", f"{first} against {second} on the same prompts and keys (win / tie / lose, mean over seeds): "
                 f"{np.mean([x['win'] for x in duels]):.3f} / {np.mean([x['tie'] for x in duels]):.3f} / "
                 f"{np.mean([x['lose'] for x in duels]):.3f}.", ""]
         if figures and dataset in figures:
             out += [f"![gold reward against KL, {dataset}]({os.path.basename(figures[dataset])})", ""]
-        ex = d["runs"]["AVA-p"][0]["examples"][:1] + d["runs"]["DPO"][0]["examples"][:1]
-        for method, e in zip(("AVA-p", "DPO"), ex):
-            out.append(f"- {method}, seed {payload['seeds'][0]}: prompt `{e['prompt']}` -> `{e['final']}`")
+        for method, runs in d["runs"].items():
+            for e in runs[0]["examples"][:1]:
+                out.append(f"- {method}, seed {payload['seeds'][0]}: prompt `{e['prompt']}` -> `{e['final']}`")
         out.append("")
-    out += ["## Reading", ""] + reading(payload) + [""]
+    out += ["## Reading", "", f"The claim: \"{claim}\"."] + reading(payload) + [""]
     return "\n".join(out)
 
 
@@ -136,12 +157,13 @@ def plot_gold_vs_kl(payload: dict, dataset: str, path: str) -> str:
     fig = Figure(figsize=(6.5, 4.5))
     FigureCanvasAgg(fig)
     ax = fig.subplots()
-    colors = {"DPO": "tab:blue", "AVA-p": "tab:red"}
+    palette = iter(("tab:red", "tab:blue", "tab:green", "tab:orange", "tab:purple"))
     for method, runs in payload["datasets"][dataset]["runs"].items():
+        color = next(palette)
         for i, r in enumerate(runs):
             kl = [p["kl_to_initial"] for p in r["trajectory"]]
             gold = [p["gold_reward"] for p in r["trajectory"]]
-            ax.plot(kl, gold, marker="o", ms=3, color=colors[method], alpha=0.8,
+            ax.plot(kl, gold, marker="o", ms=3, color=color, alpha=0.8,
                     label=method if i == 0 else None)
     ax.set(xlabel="KL to the initial policy (nats, on the policy's samples)", ylabel="gold reward of samples",
            title=f"{dataset}: gold reward against KL along training")
@@ -152,14 +174,14 @@ def plot_gold_vs_kl(payload: dict, dataset: str, path: str) -> str:
     return path
 
 
-def write_outputs(payload: dict, out: str) -> dict:
+def write_outputs(payload: dict, out: str, **fmt) -> dict:
     base = os.path.splitext(out)[0]
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     figures = {d: plot_gold_vs_kl(payload, d, f"{base}_{d}.png") for d in payload["datasets"]}
     with open(f"{base}.json", "w", encoding="utf-8") as f:
         json.dump(payload, f, indent=1)
     with open(out, "w", encoding="utf-8") as f:
-        f.write(format_markdown(payload, figures))
+        f.write(format_markdown(payload, figures, **fmt))
     return {"md": out, "json": f"{base}.json", **figures}
 
 
