@@ -170,3 +170,26 @@ def test_ava_p_direct_on_the_synthetic_task_raises_the_true_reward():
     assert d.mean() > max(10 * se, 2.0), (d.mean(), se)
     assert r.final["vs_initial_win"] > r.final["vs_initial_lose"] + 0.3, r.final
     assert r.final["heldout_loglik_chosen"] > r.initial["heldout_loglik_chosen"], (r.initial, r.final)
+
+
+def test_every_config_file_loads_with_its_variants():
+    """Each configs/*.py builds its config for its documented variants (a broken one fails here, not
+    at a user's first run); the AfD config without its SFT policy is a user error at run time."""
+    import importlib.util
+    import pathlib
+    configs = pathlib.Path(__file__).resolve().parents[1] / "configs"
+    variants = {"generate": ("", "tiny"), "best_of_n": ("", "tiny", "synthetic"), "afd": ("dpo", "ava_p,synthetic")}
+    seen = set()
+    for path in sorted(configs.glob("*.py")):
+        spec = importlib.util.spec_from_file_location(f"cfg_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        for v in variants.get(path.stem, ("", "tiny")):
+            c = module.get_config(v)
+            assert c.pipeline in ("generate", "reward_model", "direct", "best_of_n"), path
+            seen.add(c.pipeline)
+    assert seen == {"generate", "reward_model", "direct", "best_of_n"}
+    c = _tiny("dpo")
+    c.data.source = "afd"
+    with pytest.raises(errors.ConfigError, match="needs data.afd_policy"):
+        direct.run(c)

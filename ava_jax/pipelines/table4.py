@@ -41,7 +41,7 @@ METRICS = (("gold reward", "gold_reward", 3), ("KL to initial", "kl_to_initial",
            ("samples' log-lik under initial LM", "initial_loglik_per_token", 3))
 
 
-def run_config(method: str, dataset: str, seed: int, *, tiny: bool = False, trajectory_points: int = 4,
+def run_config(method: str, dataset: str, seed: int, *, tiny: bool = False, trajectory_points: int = 2,
                objective: str | None = None):
     c = direct.default_config(objective or METHODS[method], (TINY if tiny else DATASETS)[dataset])
     c.seed, c.workdir, c.train.progress = seed, "", False
