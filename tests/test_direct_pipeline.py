@@ -193,3 +193,20 @@ def test_every_config_file_loads_with_its_variants():
     c.data.source = "afd"
     with pytest.raises(errors.ConfigError, match="needs data.afd_policy"):
         direct.run(c)
+
+
+def test_a_reward_model_run_can_be_the_judge(tmp_path):
+    """For data without a gold reward, eval.judge names a reward-model run that scores the samples."""
+    from ava_jax.eval.judges import score_sequences
+    from ava_jax.pipelines import reward_model
+    rm = reward_model.default_config("bt", "tiny")
+    rm.workdir, rm.train.progress = str(tmp_path / "rm"), False
+    reward_model.run(rm)
+    c = _tiny("sft")
+    c.eval.judge = rm.workdir
+    r = direct.run(c)
+    assert r.extra["judge"] == f"reward model {rm.workdir}"
+    trained = reward_model.load_trained(rm.workdir)
+    s = r.per_sample["final"]["samples"]
+    np.testing.assert_allclose(r.per_sample["final"]["gold"],
+                               score_sequences(trained, s.prompts, s.responses, pad_id=2, batch_size=8), rtol=1e-5)

@@ -2,14 +2,18 @@
 
 A judge maps prompts and responses (token-id lists; the prompt starts with BOS as the task lays it
 out) to float64 gold returns. `SyntheticJudge` is the synthetic MDP's hidden reward, `StoriesJudge`
-the stories task's word rule on the decoded text. For user data a trained reward model given by path
-is the judge (in the manner of Gao et al. 2022); that one lives with Best-of-N.
+the stories task's word rule on the decoded text, `RewardModelJudge` a trained reward model given by
+its run directory: for user data without a gold reward, one trained on more data than the policies
+saw stands in for it (in the manner of Gao et al. 2022).
 """
 from __future__ import annotations
 
 from typing import Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from ava_jax.data import gold
 from ava_jax.data import synthetic as syn
@@ -51,3 +55,40 @@ class StoriesJudge:
             pieces = gold.token_pieces_cached(self.tokenizer, list(p) + list(r), self._cache)[len(p):]
             out[i] = gold.gold_token_rewards(pieces).sum()
         return out
+
+
+def score_sequences(rm, prompts, responses, *, pad_id: int, batch_size: int) -> np.ndarray:
+    """[N] a trained reward model's (`reward_model.load_trained`) score of each (prompt, response), as
+    its run scored pairs (its eval.score)."""
+    score_fn = rm.score_fn()
+
+    @jax.jit
+    def one(params, tokens, mask, plen):
+        side = {"tokens_BxT": tokens, "mask_BxT": mask, "prompt_len_B": plen}
+        return score_fn(nnx.merge(rm.graphdef, params), side)[0]
+
+    rows = [list(p) + list(r) for p, r in zip(prompts, responses)]
+    width = -(-max(map(len, rows)) // 16) * 16
+    tokens, mask = np.full((len(rows), width), pad_id, np.int32), np.zeros((len(rows), width), np.int32)
+    for i, row in enumerate(rows):
+        tokens[i, :len(row)], mask[i, :len(row)] = row, 1
+    plen = np.asarray([len(p) for p in prompts], np.int32)
+    out = []
+    for i in range(0, len(rows), batch_size):
+        sl = slice(i, i + batch_size)
+        n = len(tokens[sl])
+        pad = lambda x: np.concatenate([x, np.repeat(x[:1], batch_size - n, 0)]) if n < batch_size else x
+        out.append(np.asarray(one(rm.params, jnp.asarray(pad(tokens[sl])), jnp.asarray(pad(mask[sl])),
+                                  jnp.asarray(pad(plen[sl]))))[:n])
+    return np.concatenate(out).astype(np.float64)
+
+
+class RewardModelJudge:
+    """A finished reward-model run as the gold judge (`eval.judge=RUN_DIR` in the direct pipeline)."""
+
+    def __init__(self, trained, *, pad_id: int, batch_size: int = 64):
+        self.trained, self.pad_id, self.batch_size = trained, pad_id, batch_size
+        self.name = f"reward model {trained.run_dir}"
+
+    def __call__(self, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]]) -> np.ndarray:
+        return score_sequences(self.trained, prompts, responses, pad_id=self.pad_id, batch_size=self.batch_size)

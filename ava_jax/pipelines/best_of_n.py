@@ -19,16 +19,15 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax import nnx
 
 from ava_jax import config as cfglib
 from ava_jax import sharding as shd
 from ava_jax.data.load import load_pair_splits
 from ava_jax.errors import ConfigError
 from ava_jax.eval.best_of_n import best_of_n_curve, head_to_head
+from ava_jax.eval.judges import score_sequences
 from ava_jax.eval.policy import sample_responses
 from ava_jax.models.build import build_tqr
 from ava_jax.pipelines import reward_model
@@ -94,31 +93,6 @@ def _ns(b: ml_collections.ConfigDict) -> list[int]:
     return sorted(set(ns))
 
 
-def score_samples(rm: reward_model.TrainedRewardModel, prompts, responses, *, pad_id: int, batch_size: int):
-    """[N] the reward model's score of each (prompt, response), as its run scored pairs (eval.score)."""
-    score_fn = rm.score_fn()
-
-    @jax.jit
-    def one(params, tokens, mask, plen):
-        side = {"tokens_BxT": tokens, "mask_BxT": mask, "prompt_len_B": plen}
-        return score_fn(nnx.merge(rm.graphdef, params), side)[0]
-
-    rows = [list(p) + list(r) for p, r in zip(prompts, responses)]
-    width = -(-max(map(len, rows)) // 16) * 16
-    tokens, mask = np.full((len(rows), width), pad_id, np.int32), np.zeros((len(rows), width), np.int32)
-    for i, row in enumerate(rows):
-        tokens[i, :len(row)], mask[i, :len(row)] = row, 1
-    plen = np.asarray([len(p) for p in prompts], np.int32)
-    out = []
-    for i in range(0, len(rows), batch_size):
-        sl = slice(i, i + batch_size)
-        n = len(tokens[sl])
-        pad = lambda x: np.concatenate([x, np.repeat(x[:1], batch_size - n, 0)]) if n < batch_size else x
-        out.append(np.asarray(one(rm.params, jnp.asarray(pad(tokens[sl])), jnp.asarray(pad(mask[sl])),
-                                  jnp.asarray(pad(plen[sl]))))[:n])
-    return np.concatenate(out).astype(np.float64)
-
-
 def run(config: ml_collections.ConfigDict) -> dict:
     t0 = time.perf_counter()
     b = config.best_of_n
@@ -153,7 +127,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
     with jax.set_mesh(mesh):
         samples = sample_responses(policy.backbone, prompts, jax.random.key(b.seed), scfg, k, b.batch_size)
         gold = judge(samples.prompts, samples.responses).reshape(len(prompts), k)
-        proxies = {name: score_samples(rm, samples.prompts, samples.responses, pad_id=pad_id,
+        proxies = {name: score_sequences(rm, samples.prompts, samples.responses, pad_id=pad_id,
                                        batch_size=b.batch_size).reshape(len(prompts), k)
                    for name, rm in rms.items()}
     ns = _ns(b)

@@ -96,10 +96,11 @@ def default_config(objective: str, variant: str | None = None) -> ml_collections
     # pi(a|s) ∝ exp(beta Q(s, a)) with Q = alpha log pi_LM, i.e. the LM at temperature / (alpha beta).
     # The two coincide when alpha beta = 1 (the default).
     # split: whose prompts judge the policies ("validation" to choose settings, "test" to report);
-    # trajectory: judge at every eval_every step too (gold reward against KL along training).
+    # trajectory: judge at every eval_every step too (gold reward against KL along training);
+    # judge: a reward-model run directory that judges instead of the task's gold reward (user data).
     c.eval = ml_collections.ConfigDict(dict(num_prompts=128, samples_per_prompt=4, tie_threshold=0.0,
                                             batch_size=64, seed=1234, sample_from="lm", split="test",
-                                            trajectory=False))
+                                            trajectory=False, judge=""))
     c.sampling.temperature = 1.0
     # The policy's Q must stay causal: the bidirectional weighting w_t multiplies the reward head only.
     c.model.weight_heads = "reward"
@@ -187,8 +188,17 @@ def _sampling_reading(config, heads, lcfg, scfg: SamplingConfig) -> SamplingConf
     return dataclasses.replace(scfg, temperature=scfg.temperature / (heads.alpha * lcfg.beta))
 
 
-def make_judge(d: DataConfig, tokenizer):
-    """The gold judge of the task, or None for user data (no gold reward)."""
+def make_judge(d: DataConfig, tokenizer, judge_dir: str = "", *, pad_id: int = 0, mesh=None):
+    """The gold judge: the reward-model run at `judge_dir` (`eval.judge`) when given, else the task's
+    own (synthetic true reward, stories word rule), else None (user data without a judge)."""
+    if judge_dir:
+        from ava_jax.eval.judges import RewardModelJudge
+        from ava_jax.pipelines import reward_model
+        trained = reward_model.load_trained(judge_dir, mesh)
+        if tokenizer_fingerprint(trained.tokenizer) != tokenizer_fingerprint(tokenizer):
+            raise ConfigError(f"eval.judge={judge_dir!r} was trained with another tokenizer than the policy; it "
+                              "would score other token ids")
+        return RewardModelJudge(trained, pad_id=pad_id)
     if d.format == "synthetic":
         return SyntheticJudge(syn.make_task(d.synthetic["train"]))
     if d.format == "stories":
@@ -318,8 +328,10 @@ def run(config: ml_collections.ConfigDict):
         if e.split not in ("validation", "test"):
             raise ConfigError(f"eval.split={e.split!r} is not one of ('validation', 'test')")
         judging = PolicyEvaluation(heldout_prompts(splits[e.split], e.num_prompts), scfg,
-                                   make_judge(data_cfg, tokenizer), pad_id, jax.random.key(e.seed),
+                                   make_judge(data_cfg, tokenizer, e.judge, pad_id=pad_id, mesh=mesh), pad_id,
+                                   jax.random.key(e.seed),
                                    e.samples_per_prompt, e.batch_size, splits[e.split], pad_multiple)
+        extra["judge"] = judging.judge.name if judging.judge is not None else None
         before, per0 = judging.evaluate(initial, initial.backbone)
         trajectory = [{"step": 0, **before}]
 
