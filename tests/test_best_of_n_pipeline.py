@@ -1,4 +1,7 @@
-"""The best_of_n pipeline on tiny reward models: curves from one pool, head-to-head, bad input."""
+"""The best_of_n pipeline on tiny reward models: curves from one pool, head-to-head, bad input.
+
+Slow: the fixture trains three reward models (about 2 min on 2 cores).
+"""
 import json
 import os
 
@@ -22,6 +25,7 @@ def reward_runs(tmp_path_factory):
     return dirs
 
 
+@pytest.mark.slow
 def test_best_of_n_curves_and_head_to_head(reward_runs, tmp_path):
     c = best_of_n.default_config("tiny")
     c.workdir = str(tmp_path / "bon")
@@ -43,6 +47,7 @@ def test_best_of_n_curves_and_head_to_head(reward_runs, tmp_path):
     assert np.isfinite(curves[1]["proxy"]).all()
 
 
+@pytest.mark.slow
 def test_best_of_n_bad_input_is_a_user_error(reward_runs, tmp_path):
     c = best_of_n.default_config("tiny")
     c.best_of_n.reward_models = reward_runs["bt", "tiny"]

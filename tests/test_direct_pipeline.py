@@ -138,6 +138,7 @@ def test_ava_policy_keeps_q_causal_and_names_its_sampling_reading():
         direct._sampling_reading(d, direct.cfglib.head_config(d.model), dcfg, scfg)
 
 
+@pytest.mark.slow
 def test_afd_pairs_from_an_sft_policy_and_source_errors(tmp_path):
     """DPO w/ AfD: the pairs are an SFT policy's sample (chosen) against the initial policy's (rejected)
     for each demonstration prompt; the wrong source for an objective is a user error."""
@@ -195,6 +196,7 @@ def test_every_config_file_loads_with_its_variants():
         direct.run(c)
 
 
+@pytest.mark.slow
 def test_a_reward_model_run_can_be_the_judge(tmp_path):
     """For data without a gold reward, eval.judge names a reward-model run that scores the samples."""
     from ava_jax.eval.judges import score_sequences
