@@ -124,14 +124,20 @@ def scratch_model_config(s: ml_collections.ConfigDict, *, vocab_size: int | None
                        dtype=dtype, param_dtype=param_dtype, remat=remat, attention=attention)
 
 
-def backbone_spec(m: ml_collections.ConfigDict, *, vocab_size: int | None = None) -> BackboneSpec:
-    """`config.model` -> what `models.build.build_tqr` builds: a local checkpoint or a scratch shape.
+def scratch_section() -> ml_collections.ConfigDict:
+    """The default `config.model.scratch`: the backbone shape of `model.path="scratch"` (the synthetic task)."""
+    return ml_collections.ConfigDict(dict(arch="llama", vocab_size=512, d_model=64, n_layers=2, n_heads=4,
+                                          n_kv_heads=2, d_ff=172, max_seq_len=512))
 
-    vocab_size: the scratch model's vocabulary when the data fixes it (the synthetic task).
-    """
+
+def backbone_spec(c: ml_collections.ConfigDict) -> BackboneSpec:
+    """`config.model` -> what `models.build.build_tqr` builds: a local checkpoint or a scratch shape
+    (whose vocabulary the synthetic task fixes, `data.synthetic.vocab_size`)."""
+    m = c.model
     common = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, attention=m.attention)
     if m.path == "scratch":
-        return BackboneSpec(path="scratch", scratch=scratch_model_config(m.scratch, vocab_size=vocab_size, **common),
+        vocab = c.data.synthetic.vocab_size if c.data.format == "synthetic" else None
+        return BackboneSpec(path="scratch", scratch=scratch_model_config(m.scratch, vocab_size=vocab, **common),
                             **common)
     return BackboneSpec(path=resolve_path(m.path), **common)
 

@@ -121,7 +121,7 @@ def test_ava_policy_keeps_q_causal_and_names_its_sampling_reading():
     assert (c.loss.normalize, c.loss.td_terminal) == ("sequence", "zero")
     heads = direct.cfglib.head_config(c.model)
     objective, lcfg = direct.cfglib.objective_config(c, "policy")
-    scfg = direct.task_sampling(direct.cfglib.data_config(c.data), c.sampling, None, 48)
+    scfg = direct.task_sampling(direct.cfglib.data_config(c.data), c.sampling, None)
     assert direct._sampling_reading(c, heads, lcfg, scfg) == scfg  # "lm"
     c.eval.sample_from = "boltzmann"
     c.model.alpha, c.loss.beta = 0.5, 4.0

@@ -20,7 +20,6 @@ import time
 
 import jax
 import ml_collections
-import numpy as np
 
 from ava_jax import config as cfglib
 from ava_jax import sharding as shd
@@ -48,8 +47,7 @@ def default_config(variant: str | None = None) -> ml_collections.ConfigDict:
         raise ValueError(f"unknown variant {variant!r} for best_of_n; known: {VARIANTS}")
     c = cfglib.base_config()
     c.pipeline = "best_of_n"
-    c.model.scratch = ml_collections.ConfigDict(dict(arch="llama", vocab_size=512, d_model=64, n_layers=2,
-                                                     n_heads=4, n_kv_heads=2, d_ff=172, max_seq_len=512))
+    c.model.scratch = cfglib.scratch_section()
     c.data = cfglib.data_section()
     c.data.format = "stories"
     c.data.stories.update(num_pairs=64, num_eval_pairs=256)  # only the test split's prompts are used
@@ -100,9 +98,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
     k = b.samples_per_prompt
     _ns(b)  # a bad N fails before any sampling
     data_cfg = cfglib.data_config(config.data)
-    vocab = config.data.synthetic.vocab_size if data_cfg.format == "synthetic" else None
-    policy, tokenizer = build_tqr(cfglib.backbone_spec(config.model, vocab_size=vocab),
-                                  cfglib.head_config(config.model), config.seed)
+    policy, tokenizer = build_tqr(cfglib.backbone_spec(config), cfglib.head_config(config.model), config.seed)
     splits, pad_id, _ = load_pair_splits(data_cfg, tokenizer)
     mesh = shd.make_mesh(**vars(cfglib.mesh_config(config.mesh)))
     rms = {}
@@ -115,9 +111,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
         if "reward_model" not in rm.objective.kinds:
             raise ConfigError(f"best_of_n.reward_models: {d!r} is not a reward model")
         rms[f"{rm.objective.title} ({os.path.basename(os.path.normpath(d))})"] = rm
-    response_len = (config.data.stories.response_len if data_cfg.format == "stories"
-                    else config.data.synthetic.response_len)
-    scfg = task_sampling(data_cfg, config.sampling, tokenizer, response_len)
+    scfg = task_sampling(data_cfg, config.sampling, tokenizer)
     judge = make_judge(data_cfg, tokenizer)
     if judge is None:
         raise ConfigError(f"data.format={data_cfg.format!r} has no gold judge; Best-of-N here needs the synthetic "

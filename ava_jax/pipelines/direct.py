@@ -72,8 +72,7 @@ def default_config(objective: str, variant: str | None = None) -> ml_collections
     c = cfglib.base_config()
     c.pipeline = "direct"
     c.objective = objective
-    c.model.scratch = ml_collections.ConfigDict(dict(arch="llama", vocab_size=512, d_model=64, n_layers=2,
-                                                     n_heads=4, n_kv_heads=2, d_ff=172, max_seq_len=512))
+    c.model.scratch = cfglib.scratch_section()
     c.data = cfglib.data_section()
     c.data.format = "stories"
     c.data.pad_to_multiple = 16
@@ -154,17 +153,19 @@ def load_reference(config: ml_collections.ConfigDict, initial, tokenizer):
     return ref
 
 
-def task_sampling(d: DataConfig, s: ml_collections.ConfigDict, tokenizer, response_len: int | None) -> SamplingConfig:
+def task_sampling(d: DataConfig, s: ml_collections.ConfigDict, tokenizer) -> SamplingConfig:
     """How held-out answers are sampled: as the task's own data were (the stories task: exactly
     response_len tokens, BOS and EOS banned; the synthetic task: response_len tokens and EOS), or
     by `config.sampling` for user data."""
     if d.format == "stories":
+        response_len = d.stories["test"].response_len
         from ava_jax.data import stories
         return SamplingConfig(max_new_tokens=response_len, temperature=float(s.temperature), top_k=s.top_k,
                               top_p=float(s.top_p), eos_id=None, pad_id=stories.EOS_ID,
                               prompt_bucket=stories.PROMPT_BUCKET, new_bucket=response_len,
                               banned_ids=(stories.BOS_ID, stories.EOS_ID))
     if d.format == "synthetic":
+        response_len = d.synthetic["test"].response_len
         return SamplingConfig(max_new_tokens=response_len + 1, temperature=float(s.temperature), top_k=s.top_k,
                               top_p=float(s.top_p), eos_id=syn.EOS_ID, pad_id=syn.EOS_ID, prompt_bucket=8,
                               new_bucket=response_len + 1)
@@ -182,7 +183,7 @@ def _sampling_reading(config, heads, lcfg, scfg: SamplingConfig) -> SamplingConf
         return scfg
     if how != "boltzmann":
         raise ConfigError(f"eval.sample_from={how!r} is not one of ('lm', 'boltzmann')")
-    if not hasattr(lcfg, "beta") or heads.q_param != "lm_logprobs" or not isinstance(lcfg, AvaConfig):
+    if not isinstance(lcfg, AvaConfig) or heads.q_param != "lm_logprobs":
         raise ConfigError("eval.sample_from='boltzmann' needs an AVA objective with model.q_param='lm_logprobs' "
                           "(Q = alpha log pi_LM)")
     return dataclasses.replace(scfg, temperature=scfg.temperature / (heads.alpha * lcfg.beta))
@@ -271,15 +272,11 @@ def run(config: ml_collections.ConfigDict):
     t0 = time.perf_counter()
     objective, lcfg = cfglib.objective_config(config, KIND)
     data_cfg = cfglib.data_config(config.data)
-    vocab = config.data.synthetic.vocab_size if data_cfg.format == "synthetic" else None
-    spec = cfglib.backbone_spec(config.model, vocab_size=vocab)
     heads = cfglib.head_config(config.model)
-    model, tokenizer = build_tqr(spec, heads, config.seed)
-    initial, _ = build_tqr(spec, heads, config.seed)  # the same weights: the baseline (and default reference)
+    model, tokenizer = build_tqr(cfglib.backbone_spec(config), heads, config.seed)
+    initial = nnx.clone(model)  # the same weights: the baseline (and default reference), never trained
     reference = load_reference(config, initial, tokenizer)
-    response_len = (config.data.stories.response_len if data_cfg.format == "stories"
-                    else config.data.synthetic.response_len)
-    scfg = task_sampling(data_cfg, config.sampling, tokenizer, response_len)
+    scfg = task_sampling(data_cfg, config.sampling, tokenizer)
     scfg = _sampling_reading(config, heads, lcfg, scfg)
     mesh = shd.make_mesh(**vars(cfglib.mesh_config(config.mesh)))
     source = _data_source(config, objective)

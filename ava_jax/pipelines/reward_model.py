@@ -51,8 +51,7 @@ def default_config(objective: str, variant: str | None = None) -> ml_collections
     c = cfglib.base_config()
     c.pipeline = "reward_model"
     c.objective = objective
-    c.model.scratch = ml_collections.ConfigDict(dict(arch="llama", vocab_size=512, d_model=64, n_layers=2,
-                                                     n_heads=4, n_kv_heads=2, d_ff=172, max_seq_len=512))
+    c.model.scratch = cfglib.scratch_section()
     c.data = cfglib.data_section()
     c.train = ml_collections.ConfigDict(dict(
         steps=300, batch_size=16, accum_steps=1, learning_rate=1e-4, warmup_steps=30, final_lr_fraction=0.1,
@@ -116,9 +115,7 @@ def run(config: ml_collections.ConfigDict) -> RewardModelResult:
     t0 = time.perf_counter()
     objective, lcfg = cfglib.objective_config(config, KIND)
     data_cfg = cfglib.data_config(config.data)
-    vocab = config.data.synthetic.vocab_size if data_cfg.format == "synthetic" else None
-    model, tokenizer = build_tqr(cfglib.backbone_spec(config.model, vocab_size=vocab),
-                                 cfglib.head_config(config.model), config.seed)
+    model, tokenizer = build_tqr(cfglib.backbone_spec(config), cfglib.head_config(config.model), config.seed)
     splits, pad_id, extra = load_pair_splits(data_cfg, tokenizer)
     mesh = shd.make_mesh(**vars(cfglib.mesh_config(config.mesh)))
     t = config.train
@@ -223,8 +220,7 @@ def load_trained(run_dir: str, mesh=None) -> TrainedRewardModel:
         raise ConfigError(f"{path}: pipeline {summary.get('pipeline')!r}, not a reward_model run")
     c = ml_collections.ConfigDict(summary["config"])
     objective, lcfg = cfglib.objective_config(c, KIND)
-    vocab = c.data.synthetic.vocab_size if c.data.format == "synthetic" else None
-    model, tokenizer = build_tqr(cfglib.backbone_spec(c.model, vocab_size=vocab), cfglib.head_config(c.model), c.seed)
+    model, tokenizer = build_tqr(cfglib.backbone_spec(c), cfglib.head_config(c.model), c.seed)
     mesh = mesh or shd.make_mesh(**vars(cfglib.mesh_config(c.mesh)))
     with jax.set_mesh(mesh):
         graphdef, state = init_train_state(model, make_optimizer(cfglib.optimizer_config(c.train)), mesh)
