@@ -68,3 +68,17 @@ def test_any_changed_input_invalidates_the_cache(tmp_path):
     # A disabled disk cache always computes.
     cache = ReferenceCache("", batch_size=8, pad_id=syn.EOS_ID, pad_to_multiple=None)
     assert cache.load_or_compute(graphdef, params, arrays).computed
+
+
+def test_repeated_evaluations_reuse_one_compiled_program():
+    """Log-probs of the same model graph with other parameters (an evaluation during training) run
+    through the compiled program of the first call, not a retraced closure."""
+    from ava_jax.train import reference
+    arrays, graphdef, params = _setup()
+    _, _, other = _setup(seed=1)
+    first = reference.pair_sequence_logprobs(graphdef, params, arrays, batch_size=8, pad_id=syn.EOS_ID,
+                                             pad_to_multiple=16)
+    second = reference.pair_sequence_logprobs(graphdef, other, arrays, batch_size=8, pad_id=syn.EOS_ID,
+                                              pad_to_multiple=16)
+    assert not np.allclose(first[0], second[0])
+    assert reference._pair_fn(graphdef)._cache_size() == 1

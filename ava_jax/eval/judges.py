@@ -8,6 +8,7 @@ saw stands in for it (in the manner of Gao et al. 2022).
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import jax
@@ -57,15 +58,23 @@ class StoriesJudge:
         return out
 
 
-def score_sequences(rm, prompts, responses, *, pad_id: int, batch_size: int) -> np.ndarray:
-    """[N] a trained reward model's (`reward_model.load_trained`) score of each (prompt, response), as
-    its run scored pairs (its eval.score)."""
-    score_fn = rm.score_fn()
+@functools.cache
+def _score_fn(graphdef, objective: str, loss_config, score: str):
+    """The jitted sequence scorer of one reward model, compiled once however often it judges."""
+    from ava_jax import objectives
+    score_fn = objectives.get(objective).score_fn(loss_config, score)
 
     @jax.jit
     def one(params, tokens, mask, plen):
         side = {"tokens_BxT": tokens, "mask_BxT": mask, "prompt_len_B": plen}
-        return score_fn(nnx.merge(rm.graphdef, params), side)[0]
+        return score_fn(nnx.merge(graphdef, params), side)[0]
+    return one
+
+
+def score_sequences(rm, prompts, responses, *, pad_id: int, batch_size: int) -> np.ndarray:
+    """[N] a trained reward model's (`reward_model.load_trained`) score of each (prompt, response), as
+    its run scored pairs (its eval.score)."""
+    one = _score_fn(rm.graphdef, rm.objective.name, rm.loss_config, rm.config.eval.score)
 
     rows = [list(p) + list(r) for p, r in zip(prompts, responses)]
     width = -(-max(map(len, rows)) // 16) * 16

@@ -7,6 +7,7 @@ tie |gold(a) - gold(b)| <= tau, with tau fixed in the config before the run.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -54,10 +55,10 @@ def _layout(prompts, responses, pad_id: int):
     return tokens, mask, np.asarray([len(p) for p in prompts], np.int32)
 
 
-def response_logprobs(backbone, prompts, responses, *, pad_id: int, banned_ids=(), batch_size: int = 64):
-    """[N] summed log-probs of each response under `backbone`, with `banned_ids` removed from its
-    distribution (renormalised, as the sampler draws them), float64 on the host."""
-    graphdef, state = nnx.split(backbone)
+@functools.cache
+def _response_logprob_fn(graphdef, banned_ids: tuple[int, ...]):
+    """The jitted per-batch log-prob sum, one per (graph, banned ids): an evaluation during training
+    reuses the compiled program instead of tracing a fresh closure."""
     banned = np.asarray(banned_ids, np.int32)
 
     @jax.jit
@@ -69,6 +70,14 @@ def response_logprobs(backbone, prompts, responses, *, pad_id: int, banned_ids=(
         pos = jnp.arange(tokens.shape[1])[None, 1:]
         counted = mask[:, 1:] & mask[:, :-1] & (pos >= plen[:, None])
         return jnp.sum(jnp.where(counted, logp, 0.0), axis=1)
+    return one
+
+
+def response_logprobs(backbone, prompts, responses, *, pad_id: int, banned_ids=(), batch_size: int = 64):
+    """[N] summed log-probs of each response under `backbone`, with `banned_ids` removed from its
+    distribution (renormalised, as the sampler draws them), float64 on the host."""
+    graphdef, state = nnx.split(backbone)
+    one = _response_logprob_fn(graphdef, tuple(int(i) for i in banned_ids))
 
     tokens, mask, plen = _layout(prompts, responses, pad_id)
     width = -(-tokens.shape[1] // 16) * 16  # one compiled shape per 16 tokens of length

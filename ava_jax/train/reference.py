@@ -11,6 +11,7 @@ input gives another key, so a stale cache is never read. `attach` puts each batc
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -120,12 +121,28 @@ class ReferenceCache:
         return chosen, rejected
 
 
-def sequence_logprobs_of(graphdef, params, arrays, *, batch_size: int, pad_id: int, pad_to_multiple: int | None):
-    """[N] each row's summed response log-probs under the model's LM, for SeqArrays (demonstrations)."""
+# One compiled program per model graph: evaluations along training reuse it (closures would retrace).
+@functools.cache
+def _sequence_fn(graphdef):
     @jax.jit
     def one(params, batch):
         model = nnx.merge(graphdef, params)
         return response_logprobs(model, batch["tokens_BxT"], batch["mask_BxT"], batch["prompt_len_B"])[0]
+    return one
+
+
+@functools.cache
+def _pair_fn(graphdef):
+    @jax.jit
+    def one(params, batch):
+        (c, r), _ = pair_logprobs(nnx.merge(graphdef, params), batch)
+        return c, r
+    return one
+
+
+def sequence_logprobs_of(graphdef, params, arrays, *, batch_size: int, pad_id: int, pad_to_multiple: int | None):
+    """[N] each row's summed response log-probs under the model's LM, for SeqArrays (demonstrations)."""
+    one = _sequence_fn(graphdef)
 
     ds = make_dataset(arrays, batch_size, 0, pad_id=pad_id, pad_to_multiple=pad_to_multiple, shuffle=False,
                       num_epochs=1, drop_remainder=False)
@@ -141,10 +158,7 @@ def sequence_logprobs_of(graphdef, params, arrays, *, batch_size: int, pad_id: i
 def pair_sequence_logprobs(graphdef, params, arrays, *, batch_size: int, pad_id: int, pad_to_multiple: int | None):
     """(chosen_N, rejected_N, number of batches): each pair's summed response log-probs under the model's
     LM, in row order (jitted; the last short batch padded with repeats of its first row)."""
-    @jax.jit
-    def one(params, batch):
-        (c, r), _ = pair_logprobs(nnx.merge(graphdef, params), batch)
-        return c, r
+    one = _pair_fn(graphdef)
 
     ds = make_dataset(arrays, batch_size, 0, pad_id=pad_id, pad_to_multiple=pad_to_multiple, shuffle=False,
                       num_epochs=1, drop_remainder=False)
