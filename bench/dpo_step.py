@@ -14,8 +14,6 @@ Compare only on an idle machine: PyTorch's threads suffer more from contention t
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import jax
 import numpy as np
@@ -27,21 +25,12 @@ from ava_jax import sharding as shd
 from ava_jax.losses import DpoConfig
 from ava_jax.models import HeadConfig, ModelConfig, TQR
 from ava_jax.train.step import freeze, init_train_state, make_train_step
+from model import timed  # bench/model.py: the median of timed calls after one warm-up
 
 SHAPES = {
     "tiny": dict(d_model=64, d_ff=172, n_layers=5, n_heads=8, n_kv_heads=4, vocab_size=512),
     "smollm2-shape": dict(d_model=576, d_ff=1536, n_layers=30, n_heads=9, n_kv_heads=3, vocab_size=49152),
 }
-
-
-def _median(fn, reps):
-    fn()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
 
 
 def pair_batch(B, T, V, seed=0):
@@ -84,7 +73,7 @@ def jax_steps(shape, batch, reps):
                 box[0], m = step(box[0], b, jax.random.key(0))
                 jax.block_until_ready(m)
 
-            out[name] = _median(run, reps)
+            out[name] = timed(run, reps)
     return out
 
 
@@ -121,7 +110,7 @@ def torch_steps(shape, batch, reps):
 
     with torch.no_grad():
         rc0, rr0 = logp(ref, xc), logp(ref, xr)
-    return {"dpo online": _median(online, reps), "dpo cached": _median(lambda: step(rc0, rr0), reps)}
+    return {"dpo online": timed(online, reps), "dpo cached": timed(lambda: step(rc0, rr0), reps)}
 
 
 def main():

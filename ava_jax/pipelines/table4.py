@@ -185,21 +185,27 @@ def write_outputs(payload: dict, out: str, **fmt) -> dict:
     return {"md": out, "json": f"{base}.json", **figures}
 
 
-def main(argv=None):
+def cli(argv, *, doc: str, launcher: str, default_out: str, run_fn, write_fn, fmt: dict | None = None):
+    """The command line shared by the policy-table drivers (Tables 4 and 5)."""
     import argparse
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--datasets", default="synthetic,stories")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--tiny", action="store_true", help="the tiny variants (a smoke run)")
-    p.add_argument("--out", default="table4.md")
+    p.add_argument("--out", default=default_out)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     for name in ("absl", "jax", "orbax"):
         logging.getLogger(name).setLevel(logging.WARNING)
     argv = sys.argv[1:] if argv is None else argv
-    payload = run_table(tuple(args.datasets.split(",")), tuple(int(s) for s in args.seeds.split(",")),
-                        tiny=args.tiny, command="python launch/table4.py " + " ".join(map(shlex.quote, argv)))
-    paths = write_outputs(payload, args.out)
-    print(format_markdown(payload))
+    payload = run_fn(tuple(args.datasets.split(",")), tuple(int(s) for s in args.seeds.split(",")), tiny=args.tiny,
+                     command=f"python {launcher} " + " ".join(map(shlex.quote, argv)))
+    paths = write_fn(payload, args.out)
+    print(format_markdown(payload, **(fmt or {})))
     print(f"written: {paths}")
     return payload
+
+
+def main(argv=None):
+    return cli(argv, doc=__doc__, launcher="launch/table4.py", default_out="table4.md", run_fn=run_table,
+               write_fn=write_outputs)

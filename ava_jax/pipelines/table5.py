@@ -14,8 +14,6 @@ repository's sources; the reading decides its claim ("AVA-d surpasses AfD approa
 from __future__ import annotations
 
 import logging
-import shlex
-import sys
 import tempfile
 
 from ava_jax.pipelines import direct, table4
@@ -57,20 +55,5 @@ def write_outputs(payload: dict, out: str) -> dict:
 
 
 def main(argv=None):
-    import argparse
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--datasets", default="synthetic,stories")
-    p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--tiny", action="store_true", help="the tiny variants (a smoke run)")
-    p.add_argument("--out", default="table5.md")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO)
-    for name in ("absl", "jax", "orbax"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    argv = sys.argv[1:] if argv is None else argv
-    payload = run_table(tuple(args.datasets.split(",")), tuple(int(s) for s in args.seeds.split(",")),
-                        tiny=args.tiny, command="python launch/table5.py " + " ".join(map(shlex.quote, argv)))
-    paths = write_outputs(payload, args.out)
-    print(table4.format_markdown(payload, title=TITLE, claim=CLAIM))
-    print(f"written: {paths}")
-    return payload
+    return table4.cli(argv, doc=__doc__, launcher="launch/table5.py", default_out="table5.md", run_fn=run_table,
+                      write_fn=write_outputs, fmt={"title": TITLE, "claim": CLAIM})
