@@ -40,3 +40,27 @@ def test_table5_smoke(tmp_path):
     assert list(runs) == ["SFT", "DPO w/ AfD", "AVA-p w/ AfD", "AVA-d"] and all(len(v) == 1 for v in runs.values())
     md = (tmp_path / "t5.md").read_text()
     assert "AVA-d against SFT" in md and "| AVA-p w/ AfD |" in md and paths["synthetic"].endswith(".png")
+
+
+@pytest.mark.slow
+def test_table2_smoke(tmp_path):
+    """Two tiny synthetic seeds: three reward models each, one shared pool (about 2 min)."""
+    pytest.importorskip("matplotlib")
+    from ava_jax.pipelines import table2
+    payload = table2.run_table(("synthetic",), (0, 1), tiny=True, command="test")
+    paths = table2.write_outputs(payload, str(tmp_path / "t2.md"))
+    runs = payload["datasets"]["synthetic"]["runs"]
+    assert len(runs) == 2
+    for r in runs:
+        assert list(r["curves"]) == ["AVA-p", "BT", "PT"] and set(r["head_to_head"]) == {
+            "AVA-p vs BT", "AVA-p vs PT", "BT vs PT"}
+        # N = 1 picks a uniformly random sample whatever the model: one number for all three.
+        assert len({c["gold"][0] for c in r["curves"].values()}) == 1
+        h = r["head_to_head"]["AVA-p vs BT"]
+        assert h["win"][0] == pytest.approx(0) and h["lose"][0] == pytest.approx(0)
+        assert 0.0 <= r["accuracy"]["AVA-p"] <= 1.0
+    # The seeds draw different pools.
+    assert runs[0]["curves"]["AVA-p"]["gold"][0] != runs[1]["curves"]["AVA-p"]["gold"][0]
+    md = (tmp_path / "t2.md").read_text()
+    assert "| AVA-p |" in md and "AVA-p against PT" in md and "## Reading" in md
+    assert paths["synthetic"].endswith(".png") and json.loads((tmp_path / "t2.json").read_text())["seeds"] == [0, 1]

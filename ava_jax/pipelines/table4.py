@@ -185,8 +185,10 @@ def write_outputs(payload: dict, out: str, **fmt) -> dict:
     return {"md": out, "json": f"{base}.json", **figures}
 
 
-def cli(argv, *, doc: str, launcher: str, default_out: str, run_fn, write_fn, fmt: dict | None = None):
-    """The command line shared by the policy-table drivers (Tables 4 and 5)."""
+def cli(argv, *, doc: str, launcher: str, default_out: str, run_fn, write_fn, fmt: dict | None = None,
+        render=None):
+    """The command line shared by the table drivers (Tables 2, 4 and 5); render(payload) -> markdown
+    (default: this table's format_markdown with fmt)."""
     import argparse
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--datasets", default="synthetic,stories")
@@ -201,7 +203,7 @@ def cli(argv, *, doc: str, launcher: str, default_out: str, run_fn, write_fn, fm
     payload = run_fn(tuple(args.datasets.split(",")), tuple(int(s) for s in args.seeds.split(",")), tiny=args.tiny,
                      command=f"python {launcher} " + " ".join(map(shlex.quote, argv)))
     paths = write_fn(payload, args.out)
-    print(format_markdown(payload, **(fmt or {})))
+    print(render(payload) if render else format_markdown(payload, **(fmt or {})))
     print(f"written: {paths}")
     return payload
 
