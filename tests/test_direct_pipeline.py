@@ -187,9 +187,9 @@ def test_every_config_file_loads_with_its_variants():
         spec.loader.exec_module(module)
         for v in variants.get(path.stem, ("", "tiny")):
             c = module.get_config(v)
-            assert c.pipeline in ("generate", "reward_model", "direct", "best_of_n"), path
+            assert c.pipeline in ("generate", "reward_model", "direct", "best_of_n", "ppo"), path
             seen.add(c.pipeline)
-    assert seen == {"generate", "reward_model", "direct", "best_of_n"}
+    assert seen == {"generate", "reward_model", "direct", "best_of_n", "ppo"}
     c = _tiny("dpo")
     c.data.source = "afd"
     with pytest.raises(errors.ConfigError, match="needs data.afd_policy"):

@@ -7,6 +7,7 @@ PIPELINES = {
     "best_of_n": "ava_jax.pipelines.best_of_n",
     "direct": "ava_jax.pipelines.direct",
     "generate": "ava_jax.pipelines.generate",
+    "ppo": "ava_jax.pipelines.ppo",
     "reward_model": "ava_jax.pipelines.reward_model",
 }
 
