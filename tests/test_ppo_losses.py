@@ -146,3 +146,23 @@ def test_ppo_config_rejects_bad_values():
         PpoConfig(kl_estimator="k2")
     with pytest.raises(ValueError, match="ppo.lam"):
         PpoConfig(lam=1.5)
+
+
+def test_ppo_loss_gradient_is_finite_with_banned_ids():
+    """Banned ids (log-prob -inf) must not send NaN into the gradient through the entropy."""
+    from flax import nnx
+    from ava_jax.losses.ppo import PpoConfig
+    from ava_jax.models.actor_critic import ActorCritic
+    from ava_jax.models.transformer import Transformer
+    from ava_jax.rl.ppo import make_ppo_loss
+    from conftest import tiny_config
+    model = ActorCritic(Transformer(tiny_config("llama"), nnx.Rngs(0)))
+    b, p, n = 2, 3, 4
+    tokens = jnp.asarray(np.random.default_rng(0).integers(4, 90, (b, p + n)), jnp.int32)
+    batch = {"tokens_BxT": tokens, "mask_BxT": jnp.ones((b, p + n), bool), "response_mask_BxN": jnp.ones((b, n), bool),
+             "old_logp_BxN": jnp.full((b, n), -4.0), "old_values_BxN": jnp.zeros((b, n)),
+             "advantages_BxN": jnp.ones((b, n)), "returns_BxN": jnp.ones((b, n))}
+    loss_fn = make_ppo_loss(PpoConfig(entropy_coef=0.01), temperature=0.7, banned_ids=(1, 2))
+    graphdef, params = nnx.split(model, nnx.Param)
+    grads = jax.grad(lambda q: loss_fn(nnx.merge(graphdef, q), batch, None, {})[0])(params)
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))

@@ -35,8 +35,10 @@ def response_logprobs_from_hidden(backbone, h_BxTxD, tokens_BxT, n: int, tempera
     logp = jnp.take_along_axis(logp_all, actions[..., None], axis=-1)[..., 0]
     if not entropy:
         return logp, None
-    plogp = jnp.where(jnp.isfinite(logp_all), jnp.exp(logp_all) * logp_all, 0.0)
-    return logp, -plogp.sum(-1)
+    # Banned ids have log-prob -inf and probability 0: count them as 0 without a 0 x inf in either
+    # pass (a where around the product would still send NaN into the gradient).
+    safe = jnp.where(jnp.isfinite(logp_all), logp_all, 0.0)
+    return logp, -(jnp.exp(logp_all) * safe).sum(-1)
 
 
 def lm_response_logprobs(backbone, tokens_BxT, mask_BxT, n: int, temperature: float = 1.0,
