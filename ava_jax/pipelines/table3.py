@@ -1,0 +1,173 @@
+"""Paper Table 3: PPO with AVA-p's dense per-token rewards against sparse rewards (AVA-p's own
+sequence score, Bradley-Terry, the Preference Transformer), and the SFT policy they all start from.
+
+  python launch/table3.py --out docs/table3.md                    # synthetic + stories, 3 seeds each
+  python launch/table3.py --datasets synthetic --seeds 0 --tiny --out /tmp/t3.md   # a smoke run
+
+Per (dataset, seed): train the three reward models (`reward_model` pipeline, the task's default
+config, the seed setting heads and data order) and the SFT policy (`direct` pipeline on the task's
+demonstrations), then four `ppo` runs from that SFT policy, anchored by KL to it: AVA-p dense,
+AVA-p sparse (the same reward model's summed score at the last token: the ablation that isolates
+density, since with gamma = lambda = 1 both give the same return), BT sparse and PT sparse. Every
+policy answers the same held-out prompts with the same keys; the table gives gold reward, KL to the
+SFT policy and the likelihoods that show what the gain cost, and PPO + AVA-p dense's win / tie / lose
+against each other row, judged by the gold reward with the paired bootstrap of `eval.policy`.
+Next to it: gold reward against KL along training for every method (PNG). The paper's Table 3
+figures are not in this repository's sources; the reading decides its claim from ours.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import platform
+import tempfile
+import time
+
+import numpy as np
+
+from ava_jax.eval.policy import win_rate
+from ava_jax.pipelines import ppo, reward_model, table4
+from ava_jax.pipelines.table4 import _mean_sd
+
+log = logging.getLogger(__name__)
+
+# method -> (reward objective, reward mode)
+METHODS = {"PPO + AVA-p dense": ("ava_p", "dense"), "PPO + AVA-p sparse": ("ava_p", "sparse"),
+           "PPO + BT": ("bt", "sparse"), "PPO + PT": ("pt", "sparse")}
+FIRST = "PPO + AVA-p dense"
+CLAIM = "PPO with AVA-p's dense per-token rewards outperforms PPO with sparse rewards (BT, PT) and the SFT policy"
+TITLE = "Table 3: PPO with AVA-p's dense rewards against sparse rewards"
+VARIANTS = {"synthetic": "synthetic", "stories": ""}
+TINY = {"synthetic": "synthetic_tiny", "stories": "tiny"}
+EVAL_POINTS = 4  # held-out judging points along training (for the gold-against-KL figure)
+
+
+def _record(r) -> dict:
+    return {"initial": r.initial, "final": r.final, "trajectory": r.trajectory, "wall_s": r.wall_s,
+            "gold": r.per_sample["final"]["gold"].tolist(), "gold_initial": r.per_sample["initial"]["gold"].tolist(),
+            "examples": r.examples[:2], "rollouts": [r.rollouts[0], r.rollouts[-1]] if r.rollouts else [],
+            "reward_model_accuracy": r.extra.get("reward_model_accuracy")}
+
+
+def seed_runs(dataset: str, seed: int, *, tiny: bool) -> dict:
+    """{method: record} for one seed, plus the SFT row (the PPO runs' common initial policy)."""
+    variant = (TINY if tiny else VARIANTS)[dataset]
+    out = {}
+    with tempfile.TemporaryDirectory(prefix="ava_table3_") as tmp:
+        rms = {}
+        for objective in sorted({o for o, _ in METHODS.values()}):
+            c = reward_model.default_config(objective, variant)
+            c.seed, c.workdir, c.train.progress = seed, os.path.join(tmp, f"rm_{objective}"), False
+            log.info("table3: %s / %s reward model / seed %d", dataset, objective, seed)
+            reward_model.run(c)
+            rms[objective] = c.workdir
+        base = ppo.default_config(variant)
+        base.seed, base.train.progress = seed, False
+        policy_path, _ = ppo.prepare_policy(base, tmp)
+        for method, (objective, mode) in METHODS.items():
+            c = ppo.default_config(variant)
+            c.seed, c.workdir, c.train.progress = seed, "", False
+            c.model.path, c.sft.enabled = policy_path, False
+            c.reward.path, c.reward.mode = rms[objective], mode
+            c.eval.trajectory = True
+            c.train.eval_every = max(1, c.ppo.iterations // EVAL_POINTS)
+            log.info("table3: %s / %s / seed %d", dataset, method, seed)
+            out[method] = _record(ppo.run(c))
+    first = out[FIRST]
+    out = {"SFT": {"initial": first["initial"], "final": first["initial"], "gold": first["gold_initial"],
+                   "trajectory": [first["trajectory"][0]], "examples": [], "wall_s": 0.0}, **out}
+    return out
+
+
+def run_table(datasets=("synthetic", "stories"), seeds=(0, 1, 2), *, tiny: bool = False, command: str = "") -> dict:
+    t0 = time.perf_counter()
+    payload = {"date": datetime.date.today().isoformat(), "command": command, "seeds": list(seeds),
+               "host": f"{platform.machine()}, Python {platform.python_version()}", "datasets": {}}
+    for dataset in datasets:
+        per_prompt = ppo.default_config((TINY if tiny else VARIANTS)[dataset]).eval.samples_per_prompt
+        runs = {}
+        for seed in seeds:
+            for method, record in seed_runs(dataset, seed, tiny=tiny).items():
+                runs.setdefault(method, []).append(record)
+        duels = {}
+        for rival in (m for m in runs if m != FIRST):
+            duels[rival] = []
+            for a, b in zip(runs[FIRST], runs[rival]):
+                groups = np.repeat(np.arange(len(a["gold"]) // per_prompt), per_prompt)
+                duels[rival].append(win_rate(a["gold"], b["gold"], tau=0.0, groups_N=groups).as_dict())
+        payload["datasets"][dataset] = {"runs": runs, "duels": duels}
+    payload["wall_s"] = time.perf_counter() - t0
+    return payload
+
+
+def reading(payload: dict) -> list[str]:
+    lines = []
+    for dataset, d in payload["datasets"].items():
+        parts = []
+        for rival, duels in d["duels"].items():
+            diff = np.asarray([a["final"]["gold_reward"] - b["final"]["gold_reward"]
+                               for a, b in zip(d["runs"][FIRST], d["runs"][rival])])
+            se = diff.std(ddof=1) / np.sqrt(diff.size) if diff.size > 1 else float("inf")
+            win, lose = np.mean([x["win"] for x in duels]), np.mean([x["lose"] for x in duels])
+            if diff.mean() > 2 * se and win > lose:
+                verdict = "confirmed"
+            elif diff.mean() < -2 * se and win < lose:
+                verdict = "contradicted"
+            else:
+                verdict = "not confirmed"
+            parts.append(f"against {rival} **{verdict}** (gold {diff.mean():+.3f}, se {se:.3f} over {diff.size} "
+                         f"seed(s); wins {win:.3f}, loses {lose:.3f})")
+        kl = {m: np.mean([r["final"]["kl_to_initial"] for r in runs]) for m, runs in d["runs"].items() if m != "SFT"}
+        lines.append(f"- **{dataset}:** " + "; ".join(parts) + ". Mean KL to the SFT policy: "
+                     + ", ".join(f"{m} {v:.1f}" for m, v in kl.items()) + " nats (a gain bought with more KL is "
+                     "not a better trade-off: see the figure).")
+    return lines
+
+
+def format_markdown(payload: dict, figures: dict | None = None) -> str:
+    out = [f"# {TITLE} ({payload['date']})", ""]
+    if payload["command"]:
+        out.append(f"Command: `{payload['command']}`  ")
+    out += [f"Seeds {', '.join(map(str, payload['seeds']))}; mean ± sample sd over seeds. Host: {payload['host']}; "
+            f"wall time {payload['wall_s'] / 60:.1f} min.", ""]
+    metrics = table4.METRICS
+    for dataset, d in payload["datasets"].items():
+        out += [f"## {dataset}", "", "| method | reward-model test accuracy | "
+                + " | ".join(name for name, _, _ in metrics) + " |", "|---|---|" + "---|" * len(metrics)]
+        for method, runs in d["runs"].items():
+            acc = [r.get("reward_model_accuracy") for r in runs]
+            acc_s = _mean_sd(acc) if all(a is not None for a in acc) else "-"
+            out.append(f"| {method} | {acc_s} | " + " | ".join(
+                _mean_sd([r["final"].get(k, np.nan) for r in runs]) for _, k, _ in metrics) + " |")
+        out.append("")
+        for rival, duels in d["duels"].items():
+            out.append(f"- {FIRST} against {rival} (win / tie / lose, same prompts and keys, mean over seeds): "
+                       f"{np.mean([x['win'] for x in duels]):.3f} / {np.mean([x['tie'] for x in duels]):.3f} / "
+                       f"{np.mean([x['lose'] for x in duels]):.3f}")
+        out.append("")
+        if figures and dataset in figures:
+            out += [f"![gold reward against KL, {dataset}]({os.path.basename(figures[dataset])})", ""]
+        for method, runs in d["runs"].items():
+            for e in runs[0]["examples"][:1]:
+                out.append(f"- {method}, seed {payload['seeds'][0]}: prompt `{e['prompt']}` -> `{e['final']}`")
+        out.append("")
+    out += ["## Reading", "", f"The claim: \"{CLAIM}\"."] + reading(payload) + [""]
+    return "\n".join(out)
+
+
+def write_outputs(payload: dict, out: str) -> dict:
+    base = os.path.splitext(out)[0]
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    figures = {d: table4.plot_gold_vs_kl(payload, d, f"{base}_{d}.png") for d in payload["datasets"]}
+    with open(f"{base}.json", "w", encoding="utf-8") as f:
+        json.dump(payload, f, indent=1)
+    with open(out, "w", encoding="utf-8") as f:
+        f.write(format_markdown(payload, figures))
+    return {"md": out, "json": f"{base}.json", **figures}
+
+
+def main(argv=None):
+    return table4.cli(argv, doc=__doc__, launcher="launch/table3.py", default_out="table3.md", run_fn=run_table,
+                      write_fn=write_outputs, render=format_markdown)
