@@ -216,10 +216,15 @@ def _run_ppo(config, pcfg, rcfg, data_cfg, rm_dir, policy_path, sft, t0) -> PpoR
     e, p = config.eval, config.ppo
     with jax.set_mesh(mesh):
         rm = reward_model.load_trained(rm_dir, mesh)
+        retokenizer = None
         if tokenizer_fingerprint(rm.tokenizer) != tokenizer_fingerprint(tokenizer):
-            raise ConfigError(f"reward.path={rm_dir!r} was trained with another tokenizer than the policy "
-                              f"({policy_path!r}); PPO scores the policy's token ids with it. Train the reward "
-                              "model on the policy's tokenizer")
+            if rm.tokenizer is None or tokenizer is None:
+                raise ConfigError(f"reward.path={rm_dir!r} and the policy ({policy_path!r}) disagree on their "
+                                  "vocabulary and one of them has no tokenizer to re-encode text with")
+            from ava_jax.rl.retokenize import Retokenizer
+            retokenizer = Retokenizer(tokenizer, rm.tokenizer)
+            log.info("ppo: the reward model has another tokenizer than the policy; its rewards are computed on "
+                     "re-encoded text and mapped back to the policy's tokens (rl.retokenize)")
         check_reward_model(rm, rcfg)
         judge = direct.make_judge(data_cfg, tokenizer, pad_id=pad_id, mesh=mesh)
         model = ActorCritic(policy, separate_critic=bool(p.separate_critic))
@@ -227,7 +232,8 @@ def _run_ppo(config, pcfg, rcfg, data_cfg, rm_dir, policy_path, sft, t0) -> PpoR
         train_prompts = direct.heldout_prompts(splits["train"], len(splits["train"]))
         source = RolloutSource(graphdef, train_prompts, scfg, pcfg, rcfg, rm, initial, rows=p.rollout_batch,
                                minibatches=p.minibatches, epochs=p.epochs, seed=config.seed,
-                               reward_scale=config.reward.scale, judge=judge, pad_id=pad_id)
+                               reward_scale=config.reward.scale, judge=judge, pad_id=pad_id,
+                               retokenizer=retokenizer)
         t = train_section(config, source.steps_per_iteration, source.minibatch_rows)
         loss_fn = make_ppo_loss(pcfg, temperature=float(scfg.temperature) or 1.0, banned_ids=tuple(scfg.banned_ids))
         log.info("mesh: %s; policy %s, %d parameters (critic: %s); reward model %s (%s, %s rewards); %d train "

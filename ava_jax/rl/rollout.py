@@ -129,11 +129,13 @@ class RolloutSource:
         kl_coef suits reward models of any scale), or "none".
       judge: optional gold judge of the rollouts (logged as objective/gold, never trained on).
       writer: MetricWriter for the per-rollout metrics (set after `start_run`).
+      retokenizer: an `rl.retokenize.Retokenizer` when the reward model has another tokenizer than
+        the policy (its rewards are then computed on re-encoded text and mapped back).
     """
 
     def __init__(self, graphdef, prompts, sampling: SamplingConfig, ppo: PpoConfig, reward: RewardConfig,
                  reward_model, reference, *, rows: int, minibatches: int, epochs: int, seed: int,
-                 reward_scale: str = "initial_std", judge=None, writer=None, pad_id: int = 0):
+                 reward_scale: str = "initial_std", judge=None, writer=None, pad_id: int = 0, retokenizer=None):
         if rows % minibatches:
             raise ValueError(f"ppo.rollout_batch={rows} is not a multiple of ppo.minibatches={minibatches}")
         if reward_scale not in ("initial_std", "none"):
@@ -143,6 +145,7 @@ class RolloutSource:
         self.ref_graphdef, self.ref_params = nnx.split(reference, nnx.Param)
         self.rows, self.minibatches, self.epochs, self.seed = rows, minibatches, epochs, seed
         self.reward_scale, self.judge, self.writer, self.pad_id = reward_scale, judge, writer, pad_id
+        self.retokenizer = retokenizer
         self.width = -(-max(map(len, self.prompts)) // sampling.prompt_bucket) * sampling.prompt_bucket
         self.n = sampling.max_new_tokens
         self.checkpoint_iterator = RolloutState(ppo.kl_coef)
@@ -197,8 +200,16 @@ class RolloutSource:
         ref_logp = _reference_fn(self.ref_graphdef, self.n, temp, banned)(self.ref_params, tokens, mask)
         jax.block_until_ready(ref_logp)
         t_ref = time.perf_counter()
-        plen = jnp.asarray(pmask.sum(1), jnp.int32)
-        scores, mu, sigma = reward_tensor(self.rm, self.reward, tokens, mask, plen, gen.mask)
+        tok_np = np.asarray(gen.tokens)
+        responses = [tok_np[i][resp_mask[i]].tolist() for i in range(self.rows)]
+        if self.retokenizer is None:
+            plen = jnp.asarray(pmask.sum(1), jnp.int32)
+            scores, mu, sigma = reward_tensor(self.rm, self.reward, tokens, mask, plen, gen.mask)
+        else:
+            from ava_jax.rl.retokenize import retokenized_rewards
+            scores, mu, sigma = (jnp.asarray(x) for x in retokenized_rewards(
+                self.rm, self.reward, self.retokenizer, prompts, responses, self.n,
+                pad_id=self.rm.tokenizer.pad_id or 0))
         jax.block_until_ready(scores)
         t_rew = time.perf_counter()
         state = self.checkpoint_iterator.values
@@ -207,7 +218,6 @@ class RolloutSource:
             sd = float(seq_score.std()) if self.reward_scale == "initial_std" else 1.0
             state["reward_scale"] = 1.0 / sd if sd > 1e-8 else 1.0
         eos = self.sampling.eos_id
-        tok_np = np.asarray(gen.tokens)
         has_eos = (np.any((tok_np == eos) & resp_mask, axis=1) if eos is not None else np.ones(self.rows, bool))
         penalty = np.where(has_eos, 0.0, self.ppo.missing_eos_penalty).astype(np.float32)
         kl_coef = state["kl_coef"]
@@ -216,7 +226,6 @@ class RolloutSource:
             jnp.float32(state["reward_scale"]))
         batch = {"tokens_BxT": tokens, "mask_BxT": mask, "response_mask_BxN": gen.mask, "old_logp_BxN": logp,
                  "old_values_BxN": jnp.where(gen.mask, values, 0.0), "advantages_BxN": adv, "returns_BxN": returns}
-        responses = [tok_np[i][resp_mask[i]].tolist() for i in range(self.rows)]
         kl_sum = np.asarray(kl, np.float64).sum(1)
         score_sum = np.asarray(score, np.float64).sum(1)
         lengths = resp_mask.sum(1)
