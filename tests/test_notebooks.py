@@ -34,3 +34,11 @@ def test_direct_optimisation_notebook(tmp_path, monkeypatch):
     outputs, images = _execute("direct_optimisation.ipynb", tmp_path, timeout=900)
     assert "dpo: gold reward" in outputs and "ava_p: gold reward" in outputs and "=== dpo" in outputs
     assert images == 2
+
+
+@pytest.mark.slow
+def test_ppo_notebook(tmp_path, monkeypatch):
+    monkeypatch.setenv("AVA_NB_SMALL", "1")
+    outputs, images = _execute("ppo.ipynb", tmp_path, timeout=900)
+    assert "dense: gold reward" in outputs and "sparse: gold reward" in outputs and "=== dense" in outputs
+    assert images == 2

@@ -19,6 +19,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from ava_jax.errors import ConfigError
@@ -125,3 +126,20 @@ def dense_stats(mu_BxN, mask_BxN) -> dict:
     share_first = jnp.sum(jnp.abs(mu_BxN) * first, 1) / jnp.maximum(total, 1e-12)
     return {"mu_mean": mean, "mu_sd": sd, "abs_share_first_half": share_first.mean(),
             "abs_share_second_half": 1.0 - share_first.mean()}
+
+
+def per_token_rewards(rm, prompts, responses, *, pad_id: int = 0, prompt_bucket: int = 16) -> list[np.ndarray]:
+    """AVA's mu_t for each response token of each (prompt, response) (token lists on the reward
+    model's tokenizer), laid out as the rollouts are: for pictures of where the reward goes."""
+    from ava_jax.rl.rollout import left_pad
+    width = -(-max(map(len, prompts)) // prompt_bucket) * prompt_bucket
+    n = max(max(map(len, responses)), 1)
+    ptok, pmask = left_pad(prompts, pad_id, width)
+    rtok, rmask = np.full((len(responses), n), pad_id, np.int32), np.zeros((len(responses), n), bool)
+    for i, r in enumerate(responses):
+        rtok[i, :len(r)], rmask[i, :len(r)] = r, True
+    tokens, mask = np.concatenate([ptok, rtok], 1), np.concatenate([pmask, rmask], 1)
+    _, mu, _ = reward_tensor(rm, RewardConfig(mode="dense"), jnp.asarray(tokens), jnp.asarray(mask),
+                             jnp.asarray(pmask.sum(1), jnp.int32), jnp.asarray(rmask))
+    mu = np.asarray(mu)
+    return [mu[i, :len(r)] for i, r in enumerate(responses)]
