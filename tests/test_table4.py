@@ -68,18 +68,20 @@ def test_table2_smoke(tmp_path):
 
 @pytest.mark.slow
 def test_table3_smoke(tmp_path):
-    """One tiny synthetic seed: three reward models, SFT, four PPO runs (about 2.5 min)."""
+    """One tiny synthetic seed: three reward models, SFT, five PPO runs (about 2.5 min)."""
     pytest.importorskip("matplotlib")
     from ava_jax.pipelines import table3
     payload = table3.run_table(("synthetic",), (0,), tiny=True, command="test")
     paths = table3.write_outputs(payload, str(tmp_path / "t3.md"))
     d = payload["datasets"]["synthetic"]
-    assert list(d["runs"]) == ["SFT", "PPO + AVA-p dense", "PPO + AVA-p sparse", "PPO + BT", "PPO + PT"]
+    assert list(d["runs"]) == ["SFT", "PPO + AVA-p dense", "PPO + AVA-p sparse", "PPO + BT", "PPO + PT",
+                               "PPO + AVA-p dense, pessimism 1"]
     sft, dense = d["runs"]["SFT"][0], d["runs"]["PPO + AVA-p dense"][0]
     # Every PPO run starts from the SFT policy and is judged on the same prompts with the same keys.
-    for m in ("PPO + AVA-p sparse", "PPO + BT", "PPO + PT"):
+    for m in ("PPO + AVA-p sparse", "PPO + BT", "PPO + PT", "PPO + AVA-p dense, pessimism 1"):
         assert d["runs"][m][0]["gold_initial"] == dense["gold_initial"] == sft["gold"]
         assert d["runs"][m][0]["trajectory"][0]["kl_to_initial"] == pytest.approx(0, abs=1e-4)
-    assert set(d["duels"]) == {"SFT", "PPO + AVA-p sparse", "PPO + BT", "PPO + PT"}
+    assert set(d["duels"]) == set(d["runs"]) - {"PPO + AVA-p dense"}
+    assert "overoptimisation_gap_sd" in dense["final"]
     md = (tmp_path / "t3.md").read_text()
     assert "| PPO + BT |" in md and "## Reading" in md and paths["synthetic"].endswith(".png")

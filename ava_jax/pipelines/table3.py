@@ -8,7 +8,10 @@ Per (dataset, seed): train the three reward models (`reward_model` pipeline, the
 config, the seed setting heads and data order) and the SFT policy (`direct` pipeline on the task's
 demonstrations), then four `ppo` runs from that SFT policy, anchored by KL to it: AVA-p dense,
 AVA-p sparse (the same reward model's summed score at the last token: the ablation that isolates
-density, since with gamma = lambda = 1 both give the same return), BT sparse and PT sparse. Every
+density, since with gamma = lambda = 1 both give the same return), BT sparse, PT sparse, and beyond
+the paper AVA-p dense with pessimism (mu_t - k sigma_t, AVA's own uncertainty), with the gap
+between the proxy's gain and the gold reward's gain (both in standard deviations) that shows
+overoptimisation. Every
 policy answers the same held-out prompts with the same keys; the table gives gold reward, KL to the
 SFT policy and the likelihoods that show what the gain cost, and PPO + AVA-p dense's win / tie / lose
 against each other row, judged by the gold reward with the paired bootstrap of `eval.policy`.
@@ -33,9 +36,11 @@ from ava_jax.pipelines.table4 import _mean_sd
 
 log = logging.getLogger(__name__)
 
-# method -> (reward objective, reward mode)
-METHODS = {"PPO + AVA-p dense": ("ava_p", "dense"), "PPO + AVA-p sparse": ("ava_p", "sparse"),
-           "PPO + BT": ("bt", "sparse"), "PPO + PT": ("pt", "sparse")}
+# method -> (reward objective, reward mode, pessimism k: mu - k sigma)
+PESSIMISM = 1.0
+METHODS = {"PPO + AVA-p dense": ("ava_p", "dense", 0.0), "PPO + AVA-p sparse": ("ava_p", "sparse", 0.0),
+           "PPO + BT": ("bt", "sparse", 0.0), "PPO + PT": ("pt", "sparse", 0.0),
+           f"PPO + AVA-p dense, pessimism {PESSIMISM:g}": ("ava_p", "dense", PESSIMISM)}
 FIRST = "PPO + AVA-p dense"
 CLAIM = "PPO with AVA-p's dense per-token rewards outperforms PPO with sparse rewards (BT, PT) and the SFT policy"
 TITLE = "Table 3: PPO with AVA-p's dense rewards against sparse rewards"
@@ -45,6 +50,14 @@ EVAL_POINTS = 4  # held-out judging points along training (for the gold-against-
 
 
 def _record(r) -> dict:
+    """What the table keeps of one PPO run. Overoptimisation: the proxy's gain over the rollouts (in
+    units of the first rollout's sd, as the pipeline scales it) against the gold reward's gain of
+    the held-out samples in units of the initial samples' gold sd; their difference is the gap."""
+    g0 = r.per_sample["initial"]["gold"]
+    gold_gain = (r.final["gold_reward"] - r.initial["gold_reward"]) / max(float(np.std(g0)), 1e-12)
+    proxy_gain = r.rollouts[-1]["objective/scores"] - r.rollouts[0]["objective/scores"] if r.rollouts else np.nan
+    r.final.update(proxy_gain_sd=float(proxy_gain), gold_gain_sd=float(gold_gain),
+                   overoptimisation_gap_sd=float(proxy_gain - gold_gain))
     return {"initial": r.initial, "final": r.final, "trajectory": r.trajectory, "wall_s": r.wall_s,
             "gold": r.per_sample["final"]["gold"].tolist(), "gold_initial": r.per_sample["initial"]["gold"].tolist(),
             "examples": r.examples[:2], "rollouts": [r.rollouts[0], r.rollouts[-1]] if r.rollouts else [],
@@ -57,7 +70,7 @@ def seed_runs(dataset: str, seed: int, *, tiny: bool) -> dict:
     out = {}
     with tempfile.TemporaryDirectory(prefix="ava_table3_") as tmp:
         rms = {}
-        for objective in sorted({o for o, _ in METHODS.values()}):
+        for objective in sorted({o for o, _, _ in METHODS.values()}):
             c = reward_model.default_config(objective, variant)
             c.seed, c.workdir, c.train.progress = seed, os.path.join(tmp, f"rm_{objective}"), False
             log.info("table3: %s / %s reward model / seed %d", dataset, objective, seed)
@@ -66,11 +79,11 @@ def seed_runs(dataset: str, seed: int, *, tiny: bool) -> dict:
         base = ppo.default_config(variant)
         base.seed, base.train.progress = seed, False
         policy_path, _ = ppo.prepare_policy(base, tmp)
-        for method, (objective, mode) in METHODS.items():
+        for method, (objective, mode, k) in METHODS.items():
             c = ppo.default_config(variant)
             c.seed, c.workdir, c.train.progress = seed, "", False
             c.model.path, c.sft.enabled = policy_path, False
-            c.reward.path, c.reward.mode = rms[objective], mode
+            c.reward.path, c.reward.mode, c.reward.pessimism = rms[objective], mode, k
             c.eval.trajectory = True
             c.train.eval_every = max(1, c.ppo.iterations // EVAL_POINTS)
             log.info("table3: %s / %s / seed %d", dataset, method, seed)
@@ -132,7 +145,8 @@ def format_markdown(payload: dict, figures: dict | None = None) -> str:
         out.append(f"Command: `{payload['command']}`  ")
     out += [f"Seeds {', '.join(map(str, payload['seeds']))}; mean ± sample sd over seeds. Host: {payload['host']}; "
             f"wall time {payload['wall_s'] / 60:.1f} min.", ""]
-    metrics = table4.METRICS
+    metrics = table4.METRICS + (("proxy gain (sd)", "proxy_gain_sd", 2), ("gold gain (sd)", "gold_gain_sd", 2),
+                                ("proxy - gold gap (sd)", "overoptimisation_gap_sd", 2))
     for dataset, d in payload["datasets"].items():
         out += [f"## {dataset}", "", "| method | reward-model test accuracy | "
                 + " | ".join(name for name, _, _ in metrics) + " |", "|---|---|" + "---|" * len(metrics)]

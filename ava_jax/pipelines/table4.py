@@ -157,7 +157,7 @@ def plot_gold_vs_kl(payload: dict, dataset: str, path: str) -> str:
     fig = Figure(figsize=(6.5, 4.5))
     FigureCanvasAgg(fig)
     ax = fig.subplots()
-    palette = iter(("tab:red", "tab:blue", "tab:green", "tab:orange", "tab:purple"))
+    palette = iter(("tab:red", "tab:blue", "tab:green", "tab:orange", "tab:purple", "tab:brown", "tab:pink", "tab:gray"))
     for method, runs in payload["datasets"][dataset]["runs"].items():
         color = next(palette)
         for i, r in enumerate(runs):
