@@ -161,3 +161,70 @@ def test_ppo_on_the_synthetic_task_raises_the_true_return(synthetic_rm):
     assert d.size == 256 and d.mean() > max(5 * se, 1.0), (d.mean(), se, r.final)
     assert np.isfinite(r.final["kl_to_initial"]) and r.final["kl_to_initial"] > 0
     assert r.rollouts[-1]["objective/gold"] > r.rollouts[0]["objective/gold"]
+
+
+@pytest.mark.parametrize("objective,score", [("bt", "last"), ("ava_p", "sum"), ("ava_p", "last")])
+def test_reward_tensor_with_left_padded_prompts_matches_the_right_padded_score(objective, score):
+    """The rollout layout (left-padded prompt, response, right padding; pad == EOS id) gives the same
+    sequence score, on the last real response token, as the right-padded layout the reward model was
+    trained and evaluated on; dense AVA rewards sum to AVA's "sum" score."""
+    from ava_jax.models.heads import HeadConfig
+    from ava_jax.models.tqr import TQR
+    from ava_jax.rl.rewards import reward_tensor
+    obj = objectives.get(objective)
+    heads = HeadConfig(reward_weighting="none" if objective == "bt" else "attention", weight_heads="reward")
+    model = TQR(tiny_config("llama"), heads, rngs=nnx.Rngs(1))
+    graphdef, params = nnx.split(model, nnx.Param)
+    rm = types.SimpleNamespace(objective=obj, loss_config=obj.config(), graphdef=graphdef, params=params,
+                               config=types.SimpleNamespace(eval=types.SimpleNamespace(score=score)))
+    eos = 2
+    prompts, responses = [[1, 5, 6], [1, 7, 8, 9, 10]], [[11, 12, eos], [13, 14, 15, 16]]  # one without EOS
+    ptok, pmask = left_pad(prompts, eos, 8)
+    n = 5
+    rtok, rmask = np.full((2, n), eos, np.int32), np.zeros((2, n), bool)
+    for i, r in enumerate(responses):
+        rtok[i, :len(r)], rmask[i, :len(r)] = r, True
+    tokens, mask = np.concatenate([ptok, rtok], 1), np.concatenate([pmask, rmask], 1)
+    r, _, _ = reward_tensor(rm, RewardConfig(mode="sparse"), jnp.asarray(tokens), jnp.asarray(mask),
+                            jnp.asarray(pmask.sum(1), jnp.int32), jnp.asarray(rmask))
+    assert r.dtype == jnp.float32
+    score_fn = obj.score_fn(rm.loss_config, score)
+    for i, (p, resp) in enumerate(zip(prompts, responses)):
+        row = np.full((1, 16), eos, np.int32)
+        row[0, :len(p) + len(resp)] = p + resp
+        side = {"tokens_BxT": jnp.asarray(row), "mask_BxT": jnp.asarray(row * 0 + (np.arange(16) < len(p) + len(resp))),
+                "prompt_len_B": jnp.asarray([len(p)], jnp.int32)}
+        expect = float(score_fn(model, side)[0][0])
+        assert float(r[i, len(resp) - 1]) == pytest.approx(expect, rel=1e-4, abs=1e-5)
+        assert np.count_nonzero(np.asarray(r[i])) == 1
+    if objective == "ava_p" and score == "sum":
+        d, _, _ = reward_tensor(rm, RewardConfig(mode="dense"), jnp.asarray(tokens), jnp.asarray(mask),
+                                jnp.asarray(pmask.sum(1), jnp.int32), jnp.asarray(rmask))
+        np.testing.assert_allclose(np.asarray(d).sum(1), [float(r[i, len(x) - 1]) for i, x in enumerate(responses)],
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_first_minibatch_has_ratio_one_and_zero_kl(synthetic_rm):
+    """At the first rollout policy = old = reference: the rollout's KL is 0, and on its first
+    minibatch the PPO ratio is 1, approx KL 0 and nothing is clipped."""
+    from ava_jax.losses.ppo import PpoConfig
+    from ava_jax.rl.ppo import make_ppo_loss
+    from ava_jax.rl.rollout import RolloutSource
+    from ava_jax.sampling import SamplingConfig
+    rm = reward_model.load_trained(synthetic_rm)
+    from ava_jax import config as cfglib
+    from ava_jax.data import synthetic as syn
+    from ava_jax.models.build import build_tqr
+    c = ppo.default_config("synthetic_tiny")
+    tqr, _ = build_tqr(cfglib.backbone_spec(c), cfglib.head_config(c.model), 0)
+    model = ActorCritic(tqr.backbone)
+    graphdef, params = nnx.split(model, nnx.Param)
+    scfg = SamplingConfig(max_new_tokens=6, eos_id=syn.EOS_ID, pad_id=syn.EOS_ID, prompt_bucket=8, new_bucket=6)
+    src = RolloutSource(graphdef, [[syn.BOS_ID, 3], [syn.BOS_ID, 4, 5]], scfg, PpoConfig(), RewardConfig(), rm,
+                        nnx.clone(tqr.backbone), rows=8, minibatches=2, epochs=1, seed=0)
+    batch = src.next_batch(types.SimpleNamespace(params=params), 0)
+    assert abs(src.history[0]["objective/kl"]) < 1e-4
+    _, m = make_ppo_loss(PpoConfig(), temperature=1.0)(nnx.merge(graphdef, params), batch, None, {})
+    mean = {k: float(s / c) for k, (s, c) in m.items()}
+    assert mean["ratio"] == pytest.approx(1.0, abs=1e-5) and mean["policy/approxkl"] < 1e-9
+    assert mean["policy/clipfrac"] == 0.0

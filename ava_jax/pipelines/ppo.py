@@ -233,7 +233,7 @@ def _run_ppo(config, pcfg, rcfg, data_cfg, rm_dir, policy_path, sft, t0) -> PpoR
         source = RolloutSource(graphdef, train_prompts, scfg, pcfg, rcfg, rm, initial, rows=p.rollout_batch,
                                minibatches=p.minibatches, epochs=p.epochs, seed=config.seed,
                                reward_scale=config.reward.scale, judge=judge, pad_id=pad_id,
-                               retokenizer=retokenizer)
+                               retokenizer=retokenizer, mesh=mesh)
         t = train_section(config, source.steps_per_iteration, source.minibatch_rows)
         loss_fn = make_ppo_loss(pcfg, temperature=float(scfg.temperature) or 1.0, banned_ids=tuple(scfg.banned_ids))
         log.info("mesh: %s; policy %s, %d parameters (critic: %s); reward model %s (%s, %s rewards); %d train "

@@ -121,7 +121,8 @@ class RolloutSource:
       sampling: how the policy samples (its temperature and banned ids also shape the log-probs).
       ppo, reward: PpoConfig, RewardConfig.
       reward_model: a `reward_model.TrainedRewardModel` on the policy's tokenizer.
-      reference: the frozen reference policy (a Transformer).
+      reference: the frozen reference policy (a Transformer, placed on `mesh`), or `train.step.freeze`'s
+        FrozenModels holding it as "reference".
       rows, minibatches, epochs: prompts per rollout, minibatches per epoch, epochs per rollout.
       seed: draws prompts, sampling keys and minibatch orders.
       reward_scale: "initial_std" divides every score by the sd of the summed scores of the first
@@ -135,14 +136,22 @@ class RolloutSource:
 
     def __init__(self, graphdef, prompts, sampling: SamplingConfig, ppo: PpoConfig, reward: RewardConfig,
                  reward_model, reference, *, rows: int, minibatches: int, epochs: int, seed: int,
-                 reward_scale: str = "initial_std", judge=None, writer=None, pad_id: int = 0, retokenizer=None):
+                 reward_scale: str = "initial_std", judge=None, writer=None, pad_id: int = 0, retokenizer=None,
+                 mesh=None):
         if rows % minibatches:
             raise ValueError(f"ppo.rollout_batch={rows} is not a multiple of ppo.minibatches={minibatches}")
         if reward_scale not in ("initial_std", "none"):
             raise ValueError(f"reward.scale={reward_scale!r} is not one of ('initial_std', 'none')")
         self.graphdef, self.prompts, self.sampling = graphdef, [list(p) for p in prompts], sampling
         self.ppo, self.reward, self.rm = ppo, reward, reward_model
-        self.ref_graphdef, self.ref_params = nnx.split(reference, nnx.Param)
+        # The reference as a frozen, sharded parameter tree (train.step.freeze places it by
+        # sharding.PARAM_RULES on the current mesh), read by its own jitted pass.
+        from ava_jax.train.step import FrozenModels
+        if not isinstance(reference, FrozenModels):
+            from ava_jax.train.step import freeze
+            from ava_jax import sharding as shd
+            reference = freeze({"reference": reference}, shd.make_mesh() if mesh is None else mesh)
+        self.ref_graphdef, self.ref_params = reference.graphdefs["reference"], reference.params["reference"]
         self.rows, self.minibatches, self.epochs, self.seed = rows, minibatches, epochs, seed
         self.reward_scale, self.judge, self.writer, self.pad_id = reward_scale, judge, writer, pad_id
         self.retokenizer = retokenizer
