@@ -2,7 +2,6 @@
 dense rewards (each sequence's summed reward preserved) and the sparse score on the last token."""
 import types
 
-import jax
 import numpy as np
 import pytest
 from flax import nnx
