@@ -78,6 +78,12 @@ def test_reward_models_that_cannot_give_the_reward_are_user_errors():
         check_reward_model(ava, RewardConfig(mode="sparse", score="mean"))
     with pytest.raises(errors.ConfigError, match="reward.mode"):
         RewardConfig(mode="both")
+    with pytest.raises(errors.ConfigError, match="needs --config.reward.path"):
+        ppo.run(ppo.default_config("paper"))
+    c = ppo.default_config("tiny")
+    c.ppo.minibatches = 0
+    with pytest.raises(errors.ConfigError, match="ppo.minibatches"):
+        ppo.train_section(c, 1, 1)
 
 
 def test_actor_critic_values_start_at_zero_and_the_critic_can_be_separate():

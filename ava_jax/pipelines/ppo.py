@@ -50,9 +50,9 @@ from ava_jax.train.setup import start_run
 
 log = logging.getLogger(__name__)
 
-VARIANTS = ("", "tiny", "synthetic", "synthetic_tiny")
+VARIANTS = ("", "tiny", "synthetic", "synthetic_tiny", "paper")
 # The prerequisite runs' variants, per PPO variant.
-_RM_VARIANT = {"": "", "tiny": "tiny", "synthetic": "synthetic", "synthetic_tiny": "synthetic_tiny"}
+_RM_VARIANT = {"": "", "tiny": "tiny", "synthetic": "synthetic", "synthetic_tiny": "synthetic_tiny", "paper": "paper"}
 _SFT_VARIANT = {"": "", "tiny": "tiny", "synthetic": "synthetic", "synthetic_tiny": "synthetic_tiny"}
 _PPO_FIELDS = [f.name for f in dataclasses.fields(PpoConfig)]
 
@@ -60,7 +60,11 @@ _PPO_FIELDS = [f.name for f in dataclasses.fields(PpoConfig)]
 def default_config(variant: str | None = None) -> ml_collections.ConfigDict:
     """Variants: "" (the stories task on the bundled TinyStories-260K, SFT'd on the stories
     demonstrations, against an AVA-p reward model: CPU minutes), "tiny" (the tests), "synthetic"
-    (the synthetic MDP, a scratch policy SFT'd on the expert), "synthetic_tiny"."""
+    (the synthetic MDP, a scratch policy SFT'd on the expert), "synthetic_tiny", "paper" (an
+    accelerator: a SmolLM2-135M or GPT-2 policy from --config.model.path, already SFT'd, against a
+    reward-model run given by --config.reward.path (e.g. the reward_model pipeline's "paper" variant,
+    GPT-2: another tokenizer is re-encoded), on HH-RLHF prompts; judged by --config.eval.judge, a
+    reward-model run trained on more data, when given)."""
     variant = variant or ""
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r} for ppo; known: {VARIANTS}")
@@ -90,9 +94,11 @@ def default_config(variant: str | None = None) -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict(dict(
         learning_rate=3e-4, warmup_steps=10, final_lr_fraction=1.0, weight_decay=0.0, grad_clip=1.0,
         log_every=1, eval_every=0, checkpoint_every=10, max_consecutive_bad_steps=5, progress=True))
-    # eval: held-out judging as the direct pipeline (every eval_every iterations when trajectory).
+    # eval: held-out judging as the direct pipeline (every eval_every iterations when trajectory);
+    # judge: a reward-model run directory judging instead of the task's gold reward (user data).
     c.eval = ml_collections.ConfigDict(dict(num_prompts=128, samples_per_prompt=4, tie_threshold=0.0,
-                                            batch_size=64, seed=1234, split="test", trajectory=False))
+                                            batch_size=64, seed=1234, split="test", trajectory=False,
+                                            judge=""))
     c.sampling.temperature = 1.0
     c.export = True
     c.workdir = "runs/ppo" if variant in ("", "synthetic") else ""
@@ -115,6 +121,17 @@ def default_config(variant: str | None = None) -> ml_collections.ConfigDict:
             c.ppo.update(iterations=3, rollout_batch=16, minibatches=2, epochs=1)
             c.train.update(warmup_steps=1, checkpoint_every=0, progress=False)
             c.eval.update(num_prompts=8, samples_per_prompt=2, batch_size=16)
+    elif variant == "paper":
+        c.model.path = ""  # required: the SFT'd policy (HF dir or GGUF)
+        c.model.dtype = "bfloat16"
+        c.reward.path = ""  # required: a finished reward-model run directory
+        c.sft.enabled = False
+        c.data.format = "hh"
+        c.data.update(max_len=512)
+        c.sampling.update(max_new_tokens=128, temperature=1.0)
+        c.ppo.update(iterations=200, rollout_batch=64, minibatches=4, epochs=2, missing_eos_penalty=1.0)
+        c.train.update(learning_rate=1e-6, warmup_steps=20, checkpoint_every=20)
+        c.eval.update(num_prompts=256, samples_per_prompt=2)
     return c
 
 
@@ -148,6 +165,9 @@ def prepare_reward_model(c: ml_collections.ConfigDict, base_dir: str) -> str:
     """`reward.path`, or the task's default reward model trained into base_dir (reused when done)."""
     if c.reward.path:
         return c.reward.path
+    if c.variant == "paper":
+        raise ConfigError("the paper variant needs --config.reward.path=DIR, a finished reward-model run (train one "
+                          "with configs/ava_p.py:paper first)")
     run_dir = os.path.join(base_dir, f"reward_model_{c.reward.objective}")
     if not _finished(run_dir):
         rc = reward_model.default_config(c.reward.objective, _RM_VARIANT[c.variant])
@@ -226,7 +246,7 @@ def _run_ppo(config, pcfg, rcfg, data_cfg, rm_dir, policy_path, sft, t0) -> PpoR
             log.info("ppo: the reward model has another tokenizer than the policy; its rewards are computed on "
                      "re-encoded text and mapped back to the policy's tokens (rl.retokenize)")
         check_reward_model(rm, rcfg)
-        judge = direct.make_judge(data_cfg, tokenizer, pad_id=pad_id, mesh=mesh)
+        judge = direct.make_judge(data_cfg, tokenizer, e.judge, pad_id=pad_id, mesh=mesh)
         model = ActorCritic(policy, separate_critic=bool(p.separate_critic))
         graphdef = nnx.split(model, nnx.Param)[0]
         train_prompts = direct.heldout_prompts(splits["train"], len(splits["train"]))
