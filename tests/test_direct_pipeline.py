@@ -179,7 +179,9 @@ def test_every_config_file_loads_with_its_variants():
     import importlib.util
     import pathlib
     configs = pathlib.Path(__file__).resolve().parents[1] / "configs"
-    variants = {"generate": ("", "tiny"), "best_of_n": ("", "tiny", "synthetic"), "afd": ("dpo", "ava_p,synthetic")}
+    variants = {"generate": ("", "tiny"), "best_of_n": ("", "tiny", "synthetic", "paper"),
+                "afd": ("dpo", "ava_p,synthetic"), "ppo": ("", "tiny", "synthetic", "paper"),
+                "dpo": ("", "tiny", "paper"), "sft": ("", "tiny", "paper")}
     seen = set()
     for path in sorted(configs.glob("*.py")):
         spec = importlib.util.spec_from_file_location(f"cfg_{path.stem}", path)

@@ -35,13 +35,15 @@ from ava_jax.train.reference import tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
 
-VARIANTS = ("", "tiny", "synthetic")
+VARIANTS = ("", "tiny", "synthetic", "paper")
 
 
 def default_config(variant: str | None = None) -> ml_collections.ConfigDict:
     """Variants: "" (stories prompts, the bundled TinyStories-260K as the policy), "tiny" (the
     tests), "synthetic" (the synthetic MDP; give the policy with model.path, e.g. a direct run's
-    <workdir>/policy)."""
+    <workdir>/policy), "paper" (an accelerator: the SFT'd SmolLM2-135M or GPT-2 policy from
+    --config.model.path on HH-RLHF prompts, bf16; needs best_of_n.judge, a reward-model run trained on
+    more data, as the gold judge)."""
     variant = variant or ""
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r} for best_of_n; known: {VARIANTS}")
@@ -56,11 +58,18 @@ def default_config(variant: str | None = None) -> ml_collections.ConfigDict:
     # every N in 1..K; head-to-head ties when |gold difference| <= tie_threshold.
     # ns: the N values to report ("" = every N in 1..K), each at most K.
     c.best_of_n = ml_collections.ConfigDict(dict(reward_models="", num_prompts=128, samples_per_prompt=16, ns="",
-                                                 tie_threshold=0.0, batch_size=64, seed=1234))
+                                                 tie_threshold=0.0, batch_size=64, seed=1234, judge=""))
     c.workdir = "runs/best_of_n" if variant in ("", "synthetic") else ""
     if variant == "tiny":
         c.data.stories.update(num_pairs=16, num_eval_pairs=16)
         c.best_of_n.update(num_prompts=3, samples_per_prompt=4, batch_size=12)
+    elif variant == "paper":
+        c.model.path, c.model.dtype = "", "bfloat16"
+        c.data.format = "hh"
+        c.data.update(max_len=512)
+        c.sampling.update(max_new_tokens=128)
+        c.best_of_n.update(num_prompts=256, samples_per_prompt=16, batch_size=64)
+        c.workdir = "runs/best_of_n_paper"
     elif variant == "synthetic":
         c.data.format = "synthetic"
         c.data.synthetic.update(vocab_size=8, num_examples=64, num_eval_examples=1024)
@@ -112,10 +121,10 @@ def run(config: ml_collections.ConfigDict) -> dict:
             raise ConfigError(f"best_of_n.reward_models: {d!r} is not a reward model")
         rms[f"{rm.objective.title} ({os.path.basename(os.path.normpath(d))})"] = rm
     scfg = task_sampling(data_cfg, config.sampling, tokenizer)
-    judge = make_judge(data_cfg, tokenizer)
+    judge = make_judge(data_cfg, tokenizer, b.judge, pad_id=pad_id, mesh=mesh)
     if judge is None:
-        raise ConfigError(f"data.format={data_cfg.format!r} has no gold judge; Best-of-N here needs the synthetic "
-                          "or the stories task")
+        raise ConfigError(f"data.format={data_cfg.format!r} has no gold judge; give best_of_n.judge=DIR (a "
+                          "reward-model run trained on more data) or use the synthetic or the stories task")
     prompts = heldout_prompts(splits["test"], b.num_prompts)
     log.info("best_of_n: %d prompts x %d samples; reward models: %s", len(prompts), k, list(rms))
     with jax.set_mesh(mesh):

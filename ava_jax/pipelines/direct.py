@@ -55,7 +55,7 @@ from ava_jax.train.step import metric_means
 log = logging.getLogger(__name__)
 
 KIND = "policy"
-VARIANTS = ("", "tiny", "synthetic", "synthetic_tiny")
+VARIANTS = ("", "tiny", "synthetic", "synthetic_tiny", "paper")
 
 
 def default_config(objective: str, variant: str | None = None) -> ml_collections.ConfigDict:
@@ -63,7 +63,9 @@ def default_config(objective: str, variant: str | None = None) -> ml_collections
 
     Variants: "" (the stories task on the pretrained TinyStories-260K: CPU minutes), "tiny" (a few
     steps, for the tests), "synthetic" (the synthetic MDP; the initial policy is a freshly
-    initialised scratch model, near uniform), "synthetic_tiny".
+    initialised scratch model, near uniform), "synthetic_tiny", "paper" (an accelerator: SmolLM2-135M
+    or GPT-2 from --config.model.path, bf16, HH-RLHF pairs; judged by --config.eval.judge, a
+    reward-model run trained on more data, when given).
     """
     variant = variant or ""
     if variant not in VARIANTS:
@@ -106,7 +108,17 @@ def default_config(objective: str, variant: str | None = None) -> ml_collections
     c.export = True  # the final policy as a Hugging Face directory at <workdir>/policy
     cfglib.apply_objective_defaults(c, KIND)
     c.workdir = f"runs/direct_{objective}" if variant in ("", "synthetic") else ""
-    if variant in ("", "tiny"):
+    if variant == "paper":
+        c.model.path = ""  # required: a local GPT-2 117M HF dir or the SmolLM2-135M GGUF
+        c.model.dtype = "bfloat16"
+        c.data.format = "hh"
+        c.data.update(max_len=512, pad_to_multiple=64)
+        c.sampling.update(max_new_tokens=128)
+        c.train.update(steps=2000, batch_size=32, learning_rate=5e-7 if objective == "dpo" else 1e-6,
+                       warmup_steps=100, eval_every=250, checkpoint_every=250)
+        c.eval.update(num_prompts=256, samples_per_prompt=2, batch_size=32)
+        c.workdir = f"runs/direct_{objective}_paper"
+    elif variant in ("", "tiny"):
         c.data.stories.update(num_pairs=2048, num_eval_pairs=256)
         c.train.update(learning_rate=5e-4 if objective in ("dpo", "ava_p") else 1e-3)
         if objective == "ava_p":
