@@ -23,6 +23,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from ava_jax import errors, pipelines
+from ava_jax.train.preemption import Preempted
 
 log = logging.getLogger("ava_jax.main")  # not __name__, which is "__main__" under `python -m`
 USER_ERROR_STATUS = 2
@@ -109,6 +110,9 @@ def main(argv):
              jax.devices())
     try:
         pipelines.get(name).run(config)
+    except Preempted as e:  # SIGTERM: the checkpoint is saved; a scheduler restarts the same command
+        log.warning("%s", e)
+        sys.exit(0)
     except Exception as e:  # noqa: BLE001 - re-raised unless it is the user's to fix
         if not errors.is_user_error(e):
             raise

@@ -167,6 +167,10 @@ class RolloutSource:
     def steps_per_iteration(self) -> int:
         return self.epochs * self.minibatches
 
+    def resumable_at(self, step: int) -> bool:
+        """A resume must start a fresh rollout: only iteration boundaries (the loop asks on preemption)."""
+        return step % self.steps_per_iteration == 0
+
     @property
     def minibatch_rows(self) -> int:
         return self.rows // self.minibatches

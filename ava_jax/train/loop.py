@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from ava_jax.train.checkpoint import RunCheckpointer
 from ava_jax.train.metrics import MetricWriter
+from ava_jax.train.preemption import Preempted, PreemptionWatcher
 from ava_jax.train.step import metric_means
 
 log = logging.getLogger(__name__)
@@ -80,10 +81,21 @@ def train_loop(step_fn, state, batches: BatchSource, key, options: LoopOptions, 
 
     Returns:
       (state, last eval metrics or None).
+
+    Raises:
+      Preempted: after SIGTERM (`train.preemption`), at the first step boundary the source can resume
+        from (`batches.resumable_at(step)`, e.g. a PPO iteration boundary; any step by default), with
+        that step's state saved.
     """
+    with PreemptionWatcher() as watcher:
+        return _loop(step_fn, state, batches, key, options, writer, checkpointer, eval_fn, watcher)
+
+
+def _loop(step_fn, state, batches, key, options, writer, checkpointer, eval_fn, watcher):
     start = int(jax.device_get(state.step))
     prev = None
     evals = None
+    stop = False
     bar = tqdm(total=options.num_steps, initial=start, disable=not options.progress, desc="train", unit="step")
     for step in range(start, options.num_steps):
         batch = batches.next_batch(state, step)
@@ -107,6 +119,14 @@ def train_loop(step_fn, state, batches: BatchSource, key, options: LoopOptions, 
         if checkpointer is not None and ((options.checkpoint_every and done % options.checkpoint_every == 0)
                                          or done == options.num_steps):
             checkpointer.save(done, state, batches.checkpoint_iterator, force=True)
+        elif done < options.num_steps:
+            stop = stop or watcher.reached(done)  # latched: the sync point answers once
+            if stop and getattr(batches, "resumable_at", lambda s: True)(done):
+                _check_bad(prev, options)
+                if checkpointer is not None:
+                    checkpointer.save(done, state, batches.checkpoint_iterator, force=True)
+                bar.close()
+                raise Preempted(done, checkpointer.workdir if checkpointer is not None else None)
     if prev is not None:
         _check_bad(prev, options)
     bar.close()
