@@ -22,6 +22,10 @@ class ConfigError(UserError, ValueError):
     """A config value that cannot be used; the message names the key (`data.path`, ...)."""
 
 
+class CheckpointError(UserError, ValueError):
+    """A checkpoint that does not fit the model: the message names the checkpoint and the array."""
+
+
 class DataError(UserError, ValueError):
     """Bad input data. The message names file, line (1-based) and field where they apply."""
 

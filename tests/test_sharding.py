@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import jax
+import pytest
 from jax.sharding import PartitionSpec as P
 
 from ava_jax import sharding as shd
@@ -30,3 +31,14 @@ def test_fit_spec_replicates_indivisible_dims():
     assert shd.fit_spec(P("fsdp", "tensor"), (32, 64), M) == P("fsdp", "tensor")
     assert shd.param_spec("backbone/blocks/0/attn/wq", (32, 8, 4), mesh) == P("fsdp", "tensor")
     assert shd.param_spec("backbone/ln_final/scale", (32,), mesh) == P()
+
+
+@pytest.mark.slow
+def test_checkpoint_restores_onto_another_mesh_and_names_a_mismatched_tensor():
+    """Saved on data=8, restored on (2, 2, 2), (1, 1, 8) and (1, 8, 1): identical values, resharded."""
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "multidevice_restore.py")], capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
+    assert proc.stdout.strip().endswith("OK"), proc.stdout
+    for shape in ("(2, 2, 2)", "(1, 1, 8)", "(1, 8, 1)"):
+        assert f"restore onto mesh {shape}: identical parameters" in proc.stdout

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 
 import grain
 import jax
@@ -76,7 +77,10 @@ class RunCheckpointer:
         items = {"state": ocp.args.StandardRestore(target)}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-        restored = self.latest.restore(step, args=ocp.args.Composite(**items))
+        try:
+            restored = self.latest.restore(step, args=ocp.args.Composite(**items))
+        except ValueError as e:
+            raise _shape_error(e, target, f"{self.workdir}/checkpoints/{step}") from None
         log.info("restored step %d from %s", step, self.workdir)
         return restored["state"]
 
@@ -96,3 +100,18 @@ class RunCheckpointer:
         self.latest.close()
         if self.best:
             self.best.close()
+
+
+def _shape_error(err: ValueError, target, where: str) -> Exception:
+    """Orbax's shape mismatch, as a user error naming the array (Orbax gives only the two shapes);
+    any other ValueError unchanged."""
+    from ava_jax.errors import CheckpointError
+    m = re.search(r"Requested shape: (\(.*?\)) is not compatible with the stored shape: (\(.*?\))", str(err))
+    if not m:
+        return err
+    requested, stored = m.groups()
+    names = [jax.tree_util.keystr(path) for path, leaf in jax.tree_util.tree_flatten_with_path(target)[0]
+             if str(tuple(getattr(leaf, "shape", ()))) == requested]
+    name = names[0] if len(names) == 1 else (f"one of {', '.join(names[:4])}" if names else "an array")
+    return CheckpointError(f"{where}: {name} has shape {stored} in the checkpoint but {requested} in this model; "
+                           "the checkpoint is of another model shape (check model.* and the run directory)")
