@@ -32,6 +32,12 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file
                                           lock_config=True)
 _MULTIHOST = flags.DEFINE_bool("multihost", bool(os.environ.get("AVA_MULTIHOST")),
                                "Call jax.distributed.initialize() first (TPU pods, multi-node GPU).")
+# jax.distributed.initialize's own argument names, for clusters without auto-detection (and the tests).
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (with --multihost).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (with --multihost).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (with --multihost).")
+_DIST_TIMEOUT = flags.DEFINE_integer("distributed_timeout", 300, "Seconds to wait for every process to join "
+                                     "the coordinator before failing (with --multihost).")
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Also show the libraries' INFO logs (Orbax, absl, jax, grain, "
                              "TFDS); by default only ava_jax's own INFO lines and everyone's warnings print.")
 
@@ -94,11 +100,56 @@ def _configure_logging() -> None:
     logging.getLogger("ava_jax").setLevel(logging.NOTSET if quiet or root.level <= logging.INFO else logging.INFO)
 
 
+def _wait_for_coordinator(address: str, timeout: int) -> None:
+    """Process i > 0: poll the coordinator's port until it listens, so that one that never comes up
+    ends with one error line (the runtime itself aborts the process with a C++ stack trace)."""
+    import socket
+    import time
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        _fail(f"--coordinator_address={address!r}: expected HOST:PORT")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection((host, int(port)), timeout=1.0).close()
+            return
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                _fail(f"--multihost: the coordinator {address} did not answer within {timeout} s "
+                      f"(--distributed_timeout): {e}")
+            time.sleep(0.5)
+
+
+def _initialize_distributed() -> None:
+    """`jax.distributed.initialize`: auto-detected (TPU, SLURM) without arguments, or from the three
+    flags; a coordinator that never answers is one error line after --distributed_timeout seconds."""
+    given = {"coordinator_address": _COORDINATOR.value, "num_processes": _NUM_PROCESSES.value,
+             "process_id": _PROCESS_ID.value}
+    if any(v is not None for v in given.values()) and any(v is None for v in given.values()):
+        missing = [f"--{k}" for k, v in given.items() if v is None]
+        _fail(f"--multihost with explicit processes needs all of --coordinator_address, --num_processes and "
+              f"--process_id; missing {', '.join(missing)}")
+    if jax.config.jax_platforms in (None, "", "cpu") or os.environ.get("JAX_PLATFORMS", "") == "cpu":
+        # CPU processes need a collectives backend to talk to each other (accelerators bring theirs).
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    kwargs = {k: v for k, v in given.items() if v is not None}
+    if given["coordinator_address"] and given["process_id"]:
+        _wait_for_coordinator(given["coordinator_address"], _DIST_TIMEOUT.value)
+    try:
+        jax.distributed.initialize(**kwargs, initialization_timeout=_DIST_TIMEOUT.value)
+    except Exception as e:  # noqa: BLE001 - the runtime's errors are many types; the message is the user's
+        where = given["coordinator_address"] or "the auto-detected coordinator"
+        _fail(f"--multihost: could not join {where} within {_DIST_TIMEOUT.value} s "
+              f"(--distributed_timeout): {_one_line(str(e))[:300]}")
+
+
 def main(argv):
     del argv
     _configure_logging()
     if _MULTIHOST.value:
-        jax.distributed.initialize()
+        _initialize_distributed()
+    elif any(f.value is not None for f in (_COORDINATOR, _NUM_PROCESSES, _PROCESS_ID)):
+        _fail("--coordinator_address, --num_processes and --process_id need --multihost")
     config = _CONFIG.value
     if config is None:
         raise app.UsageError("--config=configs/<experiment>.py is required")
@@ -108,6 +159,9 @@ def main(argv):
         _fail(f"--config: {_one_line(str(e).splitlines()[-1])}")
     log.info("JAX %s, process %d/%d, devices: %s", jax.__version__, jax.process_index(), jax.process_count(),
              jax.devices())
+    if jax.process_index() != 0:  # one console: process 0 prints the results and says what the run does
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
+        logging.getLogger("ava_jax").setLevel(logging.WARNING)
     try:
         pipelines.get(name).run(config)
     except Preempted as e:  # SIGTERM: the checkpoint is saved; a scheduler restarts the same command

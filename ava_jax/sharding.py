@@ -126,6 +126,42 @@ def batch_sharding(mesh, ndim: int = 2) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH, *([None] * (ndim - 1))))
 
 
+def place(tree, shardings):
+    """Copies of `tree`'s arrays in `shardings` (the caller's arrays stay valid, even after a step
+    that donates the copies). On one device a device copy; on several each device's shard is built
+    from a host copy (`jax.make_array_from_callback`): `device_put(..., may_alias=False)` onto a
+    multi-device sharding was seen to share a replicated shard's buffer with the source, which the
+    donating train step then deleted. On several processes every process holds the same values
+    (e.g. the same checkpoint)."""
+    if jax.device_count() == 1:
+        return jax.device_put(tree, shardings, may_alias=False)
+
+    def one(x, sh):
+        host = np.asarray(jax.device_get(x))
+        return jax.make_array_from_callback(host.shape, sh, lambda idx: host[idx])
+    return jax.tree.map(one, tree, shardings)
+
+
+def is_primary() -> bool:
+    """Process 0: the one that writes summaries, exports, plots and logs (every process writes its
+    part of the checkpoints)."""
+    return jax.process_index() == 0
+
+
+def process_shard() -> tuple[int, int]:
+    """(process index, process count): which share of every global batch this process reads."""
+    return jax.process_index(), jax.process_count()
+
+
+def global_batch(batch, shardings):
+    """This process's rows of a global batch -> global arrays (`jax.make_array_from_process_local_data`;
+    the local rows are the process's contiguous block of the batch axis, as `data.batching` reads
+    them). On one process the batch is returned unchanged (jit places it)."""
+    if jax.process_count() == 1:
+        return batch
+    return jax.tree.map(lambda x, sh: jax.make_array_from_process_local_data(sh, np.asarray(x)), batch, shardings)
+
+
 def check_batch_divides(batch_size: int, mesh, what: str = "train.batch_size") -> None:
     n = mesh.shape["data"] * mesh.shape["fsdp"]
     if batch_size % n:

@@ -479,3 +479,24 @@ def test_missing_split_file_error_names_key_and_path(tmp_path):
         _prepare(path=str(tmp_path / "nope.jsonl"))
     with pytest.raises(ConfigError, match=r"data\.split_by='line'"):
         _prepare(path=train, split_by="line")
+
+
+def test_process_shares_of_a_global_batch_are_disjoint_and_padded_alike():
+    """Each process reads only its contiguous share of every global batch; together the shares are
+    the single-process batch (same rows, same order, same padded length), with no row twice."""
+    from ava_jax.data.batching import make_dataset
+    from ava_jax.data.tokenization import SeqArrays
+    rng = np.random.default_rng(0)
+    seqs = tuple(rng.integers(3, 50, rng.integers(2, 40)).astype(np.int32) for _ in range(37))
+    arrays = SeqArrays(seqs, np.ones(37, np.int32), np.arange(1, 38, dtype=np.int32), 64)
+    whole = make_dataset(arrays, 8, 3, pad_id=0, pad_to_multiple=16, num_epochs=1)
+    shares = [make_dataset(arrays, 8, 3, pad_id=0, pad_to_multiple=16, shard=(i, 4), num_epochs=1) for i in range(4)]
+    for b in range(len(whole)):
+        parts = [s[b] for s in shares]
+        assert len({p["tokens_BxT"].shape for p in parts}) == 1
+        np.testing.assert_array_equal(np.concatenate([p["index_B"] for p in parts]), whole[b]["index_B"])
+        np.testing.assert_array_equal(np.concatenate([p["tokens_BxT"] for p in parts]), whole[b]["tokens_BxT"])
+    seen = np.concatenate([s[b]["index_B"] for s in shares for b in range(len(whole))])
+    assert len(seen) == len(set(seen.tolist())) == 32
+    with pytest.raises(ValueError, match="does not divide over 3 processes"):
+        make_dataset(arrays, 8, 3, pad_id=0, shard=(0, 3))

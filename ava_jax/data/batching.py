@@ -63,10 +63,11 @@ def pad_sequences(seqs: Sequence[np.ndarray], prompt_len: Sequence[int], *, leng
 
 
 def collate_pairs(examples: Sequence[dict], *, pad_id: int, padding_side: str = "right",
-                  pad_to_multiple: int | None = 64, max_len: int) -> dict:
-    """Examples from the pair source -> one padded pair batch (see the module docstring)."""
+                  pad_to_multiple: int | None = 64, max_len: int, pad_to: int | None = None) -> dict:
+    """Examples from the pair source -> one padded pair batch (see the module docstring); `pad_to`
+    fixes the padded length (e.g. a global batch's, when this is one process's share)."""
     longest = max(max(len(e["chosen"]), len(e["rejected"])) for e in examples)
-    length = bucket_length(longest, pad_to_multiple=pad_to_multiple, max_len=max_len)
+    length = pad_to or bucket_length(longest, pad_to_multiple=pad_to_multiple, max_len=max_len)
     pad = functools.partial(pad_sequences, length=length, pad_id=pad_id,
                             padding_side=padding_side)
     return {
@@ -79,10 +80,10 @@ def collate_pairs(examples: Sequence[dict], *, pad_id: int, padding_side: str = 
 
 
 def collate_sequences(examples: Sequence[dict], *, pad_id: int, padding_side: str = "right",
-                      pad_to_multiple: int | None = 64, max_len: int) -> dict:
-    """Examples from the sequence source -> one padded demonstration batch."""
+                      pad_to_multiple: int | None = 64, max_len: int, pad_to: int | None = None) -> dict:
+    """Examples from the sequence source -> one padded demonstration batch (`pad_to` as in collate_pairs)."""
     longest = max(len(e["tokens"]) for e in examples)
-    length = bucket_length(longest, pad_to_multiple=pad_to_multiple, max_len=max_len)
+    length = pad_to or bucket_length(longest, pad_to_multiple=pad_to_multiple, max_len=max_len)
     batch = pad_sequences([e["tokens"] for e in examples], [e["prompt_len"] for e in examples],
                           length=length, pad_id=pad_id, padding_side=padding_side)
     batch["index_B"] = np.asarray([e["index"] for e in examples], np.int32)
@@ -119,11 +120,39 @@ class SeqSource:
                 "index": int(i)}
 
 
+def _longest(arrays, idx) -> int:
+    if isinstance(arrays, PairArrays):
+        return int(max(arrays.chosen.len_N[idx].max(), arrays.rejected.len_N[idx].max()))
+    return int(arrays.len_N[idx].max())
+
+
+def _collate_share(idx, *, arrays, source, collate, shard, pad_to_multiple, **kw):
+    """The global batch of row indices `idx` -> this process's contiguous share of it, collated to
+    the padded length of the whole global batch (every process gets the same T)."""
+    idx = np.asarray(idx)
+    index, count = shard
+    length = bucket_length(_longest(arrays, idx), pad_to_multiple=pad_to_multiple, max_len=arrays.max_len)
+    local = len(idx) // count
+    return collate([source[int(i)] for i in idx[index * local:(index + 1) * local]], pad_to_multiple=None,
+                   pad_to=length, **kw)
+
+
 def make_dataset(arrays: PairArrays | SeqArrays, batch_size: int, seed: int, *, pad_id: int,
                  padding_side: str = "right", pad_to_multiple: int | None = 64,
                  shuffle: bool = True, num_epochs: int | None = None,
-                 drop_remainder: bool = True) -> grain.MapDataset:
-    """The batched grain MapDataset behind `make_iterator` (same arguments)."""
+                 drop_remainder: bool = True, shard: tuple[int, int] = (0, 1)) -> grain.MapDataset:
+    """The batched grain MapDataset behind `make_iterator` (same arguments).
+
+    shard: (process index, process count). Every process walks the same global order of row
+    indices in global batches of `batch_size`; process i collates (reads) only rows
+    [i * b, (i + 1) * b) of each, b = batch_size / count, padded to the global batch's length, so
+    the union of the processes' batches is the global batch, with no row read twice or skipped.
+    """
+    index, count = shard
+    if count < 1 or not 0 <= index < count:
+        raise ValueError(f"shard={shard}: expected (process index, process count) with 0 <= index < count")
+    if batch_size % count:
+        raise ValueError(f"the global batch of {batch_size} rows does not divide over {count} processes")
     if len(arrays) == 0:
         raise ValueError("no rows to iterate over")
     if batch_size < 1:
@@ -136,13 +165,15 @@ def make_dataset(arrays: PairArrays | SeqArrays, batch_size: int, seed: int, *, 
         source, collate = SeqSource(arrays), collate_sequences
     else:
         raise TypeError(f"expected PairArrays or SeqArrays, got {type(arrays).__name__}")
-    ds = grain.MapDataset.source(source)
+    # Row indices are shuffled and batched; each batch is then read (collated) by its process share.
+    ds = grain.MapDataset.range(len(arrays))
     if shuffle:
         ds = ds.shuffle(seed=seed)
     if num_epochs != 1:
         ds = ds.repeat(num_epochs)  # reseeds the shuffle each epoch
-    batch_fn = functools.partial(collate, pad_id=pad_id, padding_side=padding_side,
-                                 pad_to_multiple=pad_to_multiple, max_len=arrays.max_len)
+    batch_fn = functools.partial(_collate_share, arrays=arrays, source=source, collate=collate, shard=shard,
+                                 pad_to_multiple=pad_to_multiple, pad_id=pad_id, padding_side=padding_side,
+                                 max_len=arrays.max_len)
     return ds.batch(batch_size, drop_remainder=drop_remainder, batch_fn=batch_fn)
 
 
@@ -150,7 +181,8 @@ def make_iterator(arrays: PairArrays | SeqArrays, batch_size: int, seed: int, *,
                   padding_side: str = "right", pad_to_multiple: int | None = 64,
                   shuffle: bool = True, num_epochs: int | None = None,
                   drop_remainder: bool = True,
-                  read_options: grain.ReadOptions | None = None) -> grain.DatasetIterator:
+                  read_options: grain.ReadOptions | None = None,
+                  shard: tuple[int, int] = (0, 1)) -> grain.DatasetIterator:
     """A deterministic, checkpointable iterator of padded batches.
 
     Args:
@@ -164,6 +196,8 @@ def make_iterator(arrays: PairArrays | SeqArrays, batch_size: int, seed: int, *,
       num_epochs: None repeats forever.
       drop_remainder: drop a final short batch (only reachable when num_epochs is finite).
       read_options: grain threads/prefetch; default 2 threads, 8 batches ahead.
+      shard: (process index, process count): this process's share of every global batch
+        (`make_dataset`); `sharding.process_shard()` gives the running process's.
 
     Returns:
       A grain DatasetIterator; `it.get_state()` / `it.set_state(state)` save and restore its
@@ -171,7 +205,7 @@ def make_iterator(arrays: PairArrays | SeqArrays, batch_size: int, seed: int, *,
     """
     ds = make_dataset(arrays, batch_size, seed, pad_id=pad_id, padding_side=padding_side,
                       pad_to_multiple=pad_to_multiple, shuffle=shuffle, num_epochs=num_epochs,
-                      drop_remainder=drop_remainder)
+                      drop_remainder=drop_remainder, shard=shard)
     if read_options is None:
         read_options = grain.ReadOptions(num_threads=2, prefetch_buffer_size=8)
     return iter(ds.to_iter_dataset(read_options))

@@ -19,6 +19,7 @@ Bad rows follow `on_bad_row` / `max_bad_fraction` as in `ava_jax.data.validate`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Protocol, Sequence
 
 import numpy as np
@@ -49,8 +50,8 @@ class SeqArrays:
     def __len__(self) -> int:
         return len(self.tokens)
 
-    @property
-    def len_N(self) -> np.ndarray:
+    @functools.cached_property
+    def len_N(self) -> np.ndarray:  # cached: the batcher reads it for every global batch
         return np.asarray([len(t) for t in self.tokens], np.int32)
 
 

@@ -141,7 +141,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
                "num_prompts": len(prompts), "samples_per_prompt": k, "judge": judge.name,
                "tie_threshold": float(b.tie_threshold), "curves": curves, "head_to_head": duels,
                "wall_s": time.perf_counter() - t0}
-    if config.workdir:
+    if config.workdir and shd.is_primary():
         os.makedirs(config.workdir, exist_ok=True)
         with open(os.path.join(config.workdir, "best_of_n.json"), "w", encoding="utf-8") as f:
             json.dump(payload, f, indent=1)

@@ -322,9 +322,9 @@ def run(config: ml_collections.ConfigDict):
                                         "forward_batches": cache.forward_passes}
         attach = refs["train"].attach if "train" in refs else wrap
         batches = IteratorBatches(make_iterator(splits["train"], t.batch_size, config.seed, pad_id=pad_id,
-                                                pad_to_multiple=pad_multiple), transform=attach)
+                                                pad_to_multiple=pad_multiple, shard=shd.process_shard()), transform=attach)
         example = make_dataset(splits["train"], t.batch_size, config.seed, pad_id=pad_id,
-                               pad_to_multiple=pad_multiple)[0]
+                               pad_to_multiple=pad_multiple, shard=shd.process_shard())[0]
         example = attach(example) if attach else example
         loss_fn = objective.loss_fn(lcfg)
         run_ = start_run(model, loss_fn, batches, example, mesh=mesh, optimizer=cfglib.optimizer_config(t),
@@ -368,10 +368,10 @@ def run(config: ml_collections.ConfigDict):
     result = DirectResult(objective.name, before, after, ckpt_dir, "", time.perf_counter() - t0,
                           {k: v for k, v in extra.items() if not k.endswith("_prefs")},
                           examples=_examples(per0, per1, tokenizer), trajectory=trajectory)
-    if config.workdir and config.export:
+    if config.workdir and config.export and shd.is_primary():
         result.policy_dir = export_policy(trained, tokenizer, os.path.join(config.workdir, "policy"))
     result.wall_s = time.perf_counter() - t0
-    if config.workdir:
+    if config.workdir and shd.is_primary():
         write_summary(result, config)
     print(format_result(result, config.workdir))
     result.params, result.graphdef = state.params, run_.graphdef

@@ -295,14 +295,14 @@ def _run_ppo(config, pcfg, rcfg, data_cfg, rm_dir, policy_path, sft, t0) -> PpoR
              "reward_model_accuracy": _rm_accuracy(rm_dir)}
     result = PpoResult(rm_dir, rcfg.mode, before, after, source.history, trajectory, ckpt_dir, "", 0.0, extra,
                        examples=direct._examples(per0, per1, tokenizer), per_sample={"initial": per0, "final": per1})
-    if config.workdir:
+    if config.workdir and shd.is_primary():
         with open(os.path.join(config.workdir, "rollouts.jsonl"), "a", encoding="utf-8") as f:
             for m in source.history:
                 f.write(json.dumps(m) + "\n")
         if config.export:
             result.policy_dir = direct.export_policy(trained, tokenizer, os.path.join(config.workdir, "policy"))
     result.wall_s = time.perf_counter() - t0
-    if config.workdir:
+    if config.workdir and shd.is_primary():
         write_summary(result, config)
     print(format_result(result, config.workdir))
     return result

@@ -124,10 +124,10 @@ def run(config: ml_collections.ConfigDict) -> RewardModelResult:
         log.info("mesh: %s; %s backbone, %d parameters; objective %s; %d train pairs", shd.describe(mesh),
                  model.cfg.arch, param_count(model), objective.name, len(splits["train"]))
         batches = IteratorBatches(make_iterator(splits["train"], t.batch_size, config.seed, pad_id=pad_id,
-                                                pad_to_multiple=pad_multiple))
+                                                pad_to_multiple=pad_multiple, shard=shd.process_shard()))
         # Shapes for the step's shardings, from the dataset itself (no second prefetching iterator).
         example = make_dataset(splits["train"], t.batch_size, config.seed, pad_id=pad_id,
-                               pad_to_multiple=pad_multiple)[0]
+                               pad_to_multiple=pad_multiple, shard=shd.process_shard())[0]
         run_ = start_run(model, objective.loss_fn(lcfg), batches, example, mesh=mesh,
                          optimizer=cfglib.optimizer_config(t), loop=cfglib.loop_options(t),
                          step_options=cfglib.step_options(t), workdir=config.workdir, best_metric="accuracy")
@@ -138,7 +138,7 @@ def run(config: ml_collections.ConfigDict) -> RewardModelResult:
         results, all_scores = {}, {}
         for split in ("validation", "test"):
             results[split], all_scores[split], diagnostics = evaluator.final(
-                split, state.params, extra.get(f"{split}_prefs"), config.workdir)
+                split, state.params, extra.get(f"{split}_prefs"), config.workdir if shd.is_primary() else "")
             extra.update(diagnostics)
             run_.writer.write(int(state.step), results[split], prefix=f"final_{split}/")
         ckpt_dir = run_.checkpoint_dir
@@ -147,7 +147,7 @@ def run(config: ml_collections.ConfigDict) -> RewardModelResult:
     result = RewardModelResult(objective.name, results, ckpt_dir, time.perf_counter() - t0, extra, run_.graphdef,
                                state.params, splits, all_scores,
                                tokenizer.eos_id if tokenizer is not None else syn.EOS_ID)
-    if config.workdir:
+    if config.workdir and shd.is_primary():
         write_summary(result, config)
     print(format_result(result, config.workdir))
     return result

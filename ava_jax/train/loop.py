@@ -96,7 +96,8 @@ def _loop(step_fn, state, batches, key, options, writer, checkpointer, eval_fn, 
     prev = None
     evals = None
     stop = False
-    bar = tqdm(total=options.num_steps, initial=start, disable=not options.progress, desc="train", unit="step")
+    bar = tqdm(total=options.num_steps, initial=start, disable=not options.progress or jax.process_index() != 0,
+               desc="train", unit="step")
     for step in range(start, options.num_steps):
         batch = batches.next_batch(state, step)
         state, metrics = step_fn(state, batch, key)

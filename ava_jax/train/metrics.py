@@ -7,13 +7,15 @@ import time
 
 
 class MetricWriter:
-    """Writes scalars to `<workdir>/metrics.jsonl` and `<workdir>/tb/`; a no-op without a workdir."""
+    """Writes scalars to `<workdir>/metrics.jsonl` and `<workdir>/tb/`; a no-op without a workdir and
+    on every process but process 0 (the metrics are global: one writer is enough)."""
 
     def __init__(self, workdir: str | None):
+        import jax
         self.workdir = workdir
         self._jsonl = None
         self._tb = None
-        if workdir:
+        if workdir and jax.process_index() == 0:
             os.makedirs(workdir, exist_ok=True)
             self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
             from tensorboardX import SummaryWriter  # imported lazily: it pulls in protobuf

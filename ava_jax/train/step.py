@@ -40,7 +40,7 @@ def init_train_state(model: nnx.Module, optimizer: optax.GradientTransformation,
     """
     graphdef, params = nnx.split(model, nnx.Param)
     # may_alias=False: the step donates its state, which must not delete the caller's model arrays.
-    params = jax.device_put(params, shd.param_shardings(params, mesh), may_alias=False)
+    params = shd.place(params, shd.param_shardings(params, mesh))
     return graphdef, _state(params, optimizer, mesh)
 
 
@@ -65,7 +65,7 @@ def _state(params, optimizer, mesh) -> TrainState:
     opt_sh = shd.state_shardings(jax.eval_shape(optimizer.init, params), params_sh, mesh)
     opt_state = jax.jit(optimizer.init, out_shardings=opt_sh)(params)
     # Separate buffers: donation forbids two state leaves sharing one.
-    zeros = [jax.device_put(jnp.zeros((), jnp.int32), NamedSharding(mesh, P())) for _ in range(2)]
+    zeros = [shd.place(jnp.zeros((), jnp.int32), NamedSharding(mesh, P())) for _ in range(2)]
     return TrainState(step=zeros[0], params=params, opt_state=opt_state, bad_steps=zeros[1])
 
 
@@ -95,7 +95,7 @@ def freeze(models: dict, mesh) -> FrozenModels:
     graphdefs, params = {}, {}
     for name, module in models.items():
         graphdefs[name], p = nnx.split(module, nnx.Param)
-        params[name] = jax.device_put(p, shd.param_shardings(p, mesh), may_alias=False)
+        params[name] = shd.place(p, shd.param_shardings(p, mesh))
     return FrozenModels(graphdefs, params)
 
 
@@ -160,10 +160,12 @@ class TrainStep:
     """`step(state, batch, key) -> (state, metrics)`: the jitted step with the frozen models' parameters
     bound as arguments (`jitted(state, batch, key, frozen_params)` is the compiled function)."""
 
-    def __init__(self, jitted, frozen: FrozenModels):
-        self.jitted, self.frozen = jitted, frozen
+    def __init__(self, jitted, frozen: FrozenModels, batch_shardings=None):
+        self.jitted, self.frozen, self.batch_shardings = jitted, frozen, batch_shardings
 
     def __call__(self, state, batch, key):
+        # Several processes: each holds its share of the rows; assemble the global arrays first.
+        batch = shd.global_batch(batch, self.batch_shardings) if self.batch_shardings is not None else batch
         return self.jitted(state, batch, key, self.frozen.params)
 
     def lower(self, state, batch, key):
@@ -183,6 +185,7 @@ def make_train_step(graphdef, loss_fn, optimizer: optax.GradientTransformation, 
     if len(leading) != 1:
         raise ValueError(f"batch arrays disagree on the batch size: {sorted(leading)}")
     (batch_size,) = leading
+    batch_size *= jax.process_count()  # the example is this process's share of the global batch
     shd.check_batch_divides(batch_size, mesh)
     if batch_size % options.accum_steps:
         raise ValueError(f"train.batch_size={batch_size} is not a multiple of "
@@ -216,7 +219,7 @@ def make_train_step(graphdef, loss_fn, optimizer: optax.GradientTransformation, 
     jitted = jax.jit(step, in_shardings=(state_sh, batch_sh, replicated, frozen_sh),
                      out_shardings=(state_sh, replicated),
                      donate_argnames=("state",) if options.donate else ())
-    return TrainStep(jitted, frozen)
+    return TrainStep(jitted, frozen, batch_sh)
 
 
 def metric_means(metrics) -> dict[str, float]:
