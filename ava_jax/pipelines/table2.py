@@ -143,7 +143,11 @@ def format_markdown(payload: dict, figures: dict | None = None) -> str:
         out.append("")
         if figures and dataset in figures:
             out += [f"![Best-of-N, {dataset}]({os.path.basename(figures[dataset])})", ""]
-    out += ["## Reading", "", f"The claim: \"{CLAIM}\"."] + reading(payload) + [""]
+    out += ["## Reading", "", f"The claim: \"{CLAIM}\". The paper's own Table 2 figures are not in this "
+            "repository's sources (`../shared/seed/ava_paper_summary.txt` states AVA-p's reward-model and PPO "
+            "claims, not Best-of-N numbers), so the verdicts below come from these runs alone: confirmed when "
+            "AVA-p's gold at N = K exceeds the rival's by more than two paired standard errors and it wins more "
+            "head-to-heads than it loses, contradicted when the reverse holds on both."] + reading(payload) + [""]
     return "\n".join(out)
 
 

@@ -167,7 +167,11 @@ def format_markdown(payload: dict, figures: dict | None = None) -> str:
             for e in runs[0]["examples"][:1]:
                 out.append(f"- {method}, seed {payload['seeds'][0]}: prompt `{e['prompt']}` -> `{e['final']}`")
         out.append("")
-    out += ["## Reading", "", f"The claim: \"{CLAIM}\"."] + reading(payload) + [""]
+    out += ["## Reading", "", f"The claim: \"{CLAIM}\" (`../shared/seed/ava_paper_summary.txt`: \"PPO with "
+            "AVA-p reward models shows better win rates than PPO with baseline reward models\"; the paper's "
+            "figures are not in this repository's sources). Confirmed when PPO + AVA-p dense's gold reward "
+            "exceeds the rival's by more than two paired standard errors and it wins more than it loses, "
+            "contradicted when the reverse holds on both."] + reading(payload) + [""]
     return "\n".join(out)
 
 
