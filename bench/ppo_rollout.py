@@ -84,8 +84,8 @@ def main():
     r = ppo.run(c)
     split = ppo.timing(r.rollouts)
     total = sum(split.values())
-    print("\nPPO iteration (stories tiny, 64 rollouts x 24 tokens, 2 epochs x 4 minibatches; mean over "
-          "iterations 2..6, the first compiles):")
+    print("\nPPO iteration (stories tiny, 64 rollouts x 24 tokens, 2 epochs x 4 minibatches; mean over the "
+          "iterations after the compiling ones):")
     for k, v in split.items():
         print(f"  {k:16s} {v:7.3f} s  ({100 * v / total:4.1f}%)")
     os.system(f"rm -rf {hf_dir} {c.workdir}")

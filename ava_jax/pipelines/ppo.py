@@ -319,9 +319,15 @@ def _rm_accuracy(run_dir: str):
 def timing(rollouts: list) -> dict:
     """Mean seconds per iteration of generation, policy forward, reference, reward model and update."""
     keys = ("time/generate", "time/policy_forward", "time/reference", "time/reward", "time/update_previous")
-    later = rollouts[1:] or rollouts  # the first rollout compiles
-    return {k.split("/")[1]: float(np.mean([r[k] for r in later if k in r])) for k in keys
-            if any(k in r for r in later)}
+    out = {}
+    for k in keys:
+        # The first rollout compiles its passes; the update measured at the second one includes the
+        # train step's compilation (it times the first iteration's updates).
+        skip = 2 if k == "time/update_previous" else 1
+        vals = [r[k] for r in rollouts[skip:] if k in r] or [r[k] for r in rollouts if k in r]
+        if vals:
+            out["update" if k == "time/update_previous" else k.split("/")[1]] = float(np.mean(vals))
+    return out
 
 
 def write_summary(r: PpoResult, config: ml_collections.ConfigDict) -> str:
