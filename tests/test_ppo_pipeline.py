@@ -210,6 +210,7 @@ def test_reward_tensor_with_left_padded_prompts_matches_the_right_padded_score(o
                                    rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_first_minibatch_has_ratio_one_and_zero_kl(synthetic_rm):
     """At the first rollout policy = old = reference: the rollout's KL is 0, and on its first
     minibatch the PPO ratio is 1, approx KL 0 and nothing is clipped."""

@@ -22,6 +22,7 @@ def _config(workdir):
     return c
 
 
+@pytest.mark.slow
 def test_sigterm_saves_at_the_next_step_and_resume_equals_the_uninterrupted_run(tmp_path, monkeypatch):
     before = signal.getsignal(signal.SIGTERM)
     full = reward_model.run(_config(tmp_path / "full"))
