@@ -153,8 +153,11 @@ def format_markdown(payload: dict, figures: dict | None = None) -> str:
         for method, runs in d["runs"].items():
             acc = [r.get("reward_model_accuracy") for r in runs]
             acc_s = _mean_sd(acc) if all(a is not None for a in acc) else "-"
-            out.append(f"| {method} | {acc_s} | " + " | ".join(
-                _mean_sd([r["final"].get(k, np.nan) for r in runs]) for _, k, _ in metrics) + " |")
+            cells = []
+            for _, k, _ in metrics:
+                vals = [r["final"].get(k, np.nan) for r in runs]
+                cells.append("-" if all(np.isnan(v) for v in vals) else _mean_sd(vals))
+            out.append(f"| {method} | {acc_s} | " + " | ".join(cells) + " |")
         out.append("")
         for rival, duels in d["duels"].items():
             out.append(f"- {FIRST} against {rival} (win / tie / lose, same prompts and keys, mean over seeds): "
