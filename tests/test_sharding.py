@@ -12,13 +12,19 @@ from ava_jax import sharding as shd
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def test_sharded_step_equals_single_device():
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "multidevice_step.py")], capture_output=True,
-                          text=True, timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+def _run_script(name: str) -> str:
+    """stdout of tests/<name> run in its own process (which must end by printing OK)."""
+    proc = subprocess.run([sys.executable, os.path.join(HERE, name)], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
     assert proc.stdout.strip().endswith("OK"), proc.stdout
+    return proc.stdout
+
+
+def test_sharded_step_equals_single_device():
+    stdout = _run_script("multidevice_step.py")
     for shape in ("(8, 1, 1)", "(2, 2, 2)", "(1, 1, 8)"):
-        assert f"mesh {shape}" in proc.stdout
+        assert f"mesh {shape}" in stdout
 
 
 def test_fit_spec_replicates_indivisible_dims():
@@ -36,9 +42,6 @@ def test_fit_spec_replicates_indivisible_dims():
 @pytest.mark.slow
 def test_checkpoint_restores_onto_another_mesh_and_names_a_mismatched_tensor():
     """Saved on data=8, restored on (2, 2, 2), (1, 1, 8) and (1, 8, 1): identical values, resharded."""
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "multidevice_restore.py")], capture_output=True,
-                          text=True, timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
-    assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
-    assert proc.stdout.strip().endswith("OK"), proc.stdout
+    stdout = _run_script("multidevice_restore.py")
     for shape in ("(2, 2, 2)", "(1, 1, 8)", "(1, 8, 1)"):
-        assert f"restore onto mesh {shape}: identical parameters" in proc.stdout
+        assert f"restore onto mesh {shape}: identical parameters" in stdout

@@ -279,6 +279,15 @@ class PolicyEvaluation:
         per["samples"] = samples
         return m, per
 
+    def vs_initial(self, per_final: dict, per_initial: dict, tie_threshold: float) -> dict:
+        """Win / tie / lose of the final policy's samples against the initial one's (paired by prompt
+        and key, bootstrapped over prompts), as `vs_initial_*` metrics; {} without a judge."""
+        if "gold" not in per_final:
+            return {}
+        groups = np.repeat(np.arange(len(self.prompts)), self.per_prompt)
+        return win_rate(per_final["gold"], per_initial["gold"], tau=float(tie_threshold),
+                        groups_N=groups).as_dict("vs_initial_")
+
 
 def run(config: ml_collections.ConfigDict):
     t0 = time.perf_counter()
@@ -355,10 +364,7 @@ def run(config: ml_collections.ConfigDict):
         state = run_.train(jax.random.key(config.seed), evaluate)
         trained = nnx.merge(run_.graphdef, state.params)
         after, per1 = judging.evaluate(trained, initial.backbone)
-        if "gold" in per1:
-            groups = np.repeat(np.arange(len(judging.prompts)), e.samples_per_prompt)
-            after.update(win_rate(per1["gold"], per0["gold"], tau=float(e.tie_threshold),
-                                  groups_N=groups).as_dict("vs_initial_"))
+        after.update(judging.vs_initial(per1, per0, e.tie_threshold))
         run_.writer.write(int(state.step), {f"initial/{k}": v for k, v in before.items()})
         run_.writer.write(int(state.step), {f"final/{k}": v for k, v in after.items()})
         ckpt_dir = run_.checkpoint_dir

@@ -36,7 +36,6 @@ from ava_jax import config as cfglib
 from ava_jax import sharding as shd
 from ava_jax.data.load import load_pair_splits
 from ava_jax.errors import ConfigError
-from ava_jax.eval.policy import win_rate
 from ava_jax.losses.ppo import PpoConfig
 from ava_jax.models import param_count
 from ava_jax.models.actor_critic import ActorCritic
@@ -283,10 +282,7 @@ def _run_ppo(config, pcfg, rcfg, data_cfg, rm_dir, policy_path, sft, t0) -> PpoR
         state = run_.train(jax.random.key(config.seed + 1), evaluate if e.trajectory else None)
         trained = nnx.merge(run_.graphdef, state.params)
         after, per1 = judging.evaluate(trained, initial)
-        groups = np.repeat(np.arange(len(judging.prompts)), e.samples_per_prompt)
-        if "gold" in per1:
-            after.update(win_rate(per1["gold"], per0["gold"], tau=float(e.tie_threshold),
-                                  groups_N=groups).as_dict("vs_initial_"))
+        after.update(judging.vs_initial(per1, per0, e.tie_threshold))
         run_.writer.write(int(state.step), {f"initial/{k}": v for k, v in before.items()})
         run_.writer.write(int(state.step), {f"final/{k}": v for k, v in after.items()})
         ckpt_dir = run_.checkpoint_dir

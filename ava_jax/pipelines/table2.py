@@ -18,7 +18,6 @@ decides the claim from ours.
 from __future__ import annotations
 
 import datetime
-import json
 import logging
 import os
 import platform
@@ -27,7 +26,7 @@ import time
 
 import numpy as np
 
-from ava_jax.pipelines import best_of_n, reward_model
+from ava_jax.pipelines import best_of_n, reward_model, table4
 from ava_jax.pipelines.table4 import _mean_sd
 
 log = logging.getLogger(__name__)
@@ -102,16 +101,10 @@ def reading(payload: dict) -> list[str]:
         parts = []
         for rival in (m for m in METHODS if m != FIRST):
             diff = np.subtract(_gold(runs, FIRST, k), _gold(runs, rival, k))
-            se = diff.std(ddof=1) / np.sqrt(diff.size) if diff.size > 1 else float("inf")
             h = [r["head_to_head"][f"{FIRST} vs {rival}"] for r in runs]
             win, lose = np.mean([x["win"][-1] for x in h]), np.mean([x["lose"][-1] for x in h])
-            if diff.mean() > 2 * se and win > lose:
-                verdict = "confirmed"
-            elif diff.mean() < -2 * se and win < lose:
-                verdict = "contradicted"
-            else:
-                verdict = "not confirmed"
-            parts.append(f"against {rival} **{verdict}** (gold at N={k} {diff.mean():+.3f}, standard error "
+            said, mean, se = table4.verdict(diff, win, lose)
+            parts.append(f"against {rival} **{said}** (gold at N={k} {mean:+.3f}, standard error "
                          f"{se:.3f} over {diff.size} seed(s); head-to-head wins {win:.3f}, loses {lose:.3f})")
         lines.append(f"- **{dataset}:** " + "; ".join(parts) + ".")
     return lines
@@ -177,17 +170,9 @@ def plot(payload: dict, dataset: str, path: str) -> str:
 
 
 def write_outputs(payload: dict, out: str) -> dict:
-    base = os.path.splitext(out)[0]
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    figures = {d: plot(payload, d, f"{base}_{d}.png") for d in payload["datasets"]}
-    with open(f"{base}.json", "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=1)
-    with open(out, "w", encoding="utf-8") as f:
-        f.write(format_markdown(payload, figures))
-    return {"md": out, "json": f"{base}.json", **figures}
+    return table4.write_table(payload, out, format_markdown, plot)
 
 
 def main(argv=None):
-    from ava_jax.pipelines import table4
     return table4.cli(argv, doc=__doc__, launcher="launch/table2.py", default_out="table2.md", run_fn=run_table,
                       write_fn=write_outputs, render=format_markdown)

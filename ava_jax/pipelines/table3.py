@@ -21,7 +21,6 @@ figures are not in this repository's sources; the reading decides its claim from
 from __future__ import annotations
 
 import datetime
-import json
 import logging
 import os
 import platform
@@ -122,15 +121,9 @@ def reading(payload: dict) -> list[str]:
         for rival, duels in d["duels"].items():
             diff = np.asarray([a["final"]["gold_reward"] - b["final"]["gold_reward"]
                                for a, b in zip(d["runs"][FIRST], d["runs"][rival])])
-            se = diff.std(ddof=1) / np.sqrt(diff.size) if diff.size > 1 else float("inf")
             win, lose = np.mean([x["win"] for x in duels]), np.mean([x["lose"] for x in duels])
-            if diff.mean() > 2 * se and win > lose:
-                verdict = "confirmed"
-            elif diff.mean() < -2 * se and win < lose:
-                verdict = "contradicted"
-            else:
-                verdict = "not confirmed"
-            parts.append(f"against {rival} **{verdict}** (gold {diff.mean():+.3f}, se {se:.3f} over {diff.size} "
+            said, mean, se = table4.verdict(diff, win, lose)
+            parts.append(f"against {rival} **{said}** (gold {mean:+.3f}, se {se:.3f} over {diff.size} "
                          f"seed(s); wins {win:.3f}, loses {lose:.3f})")
         kl = {m: np.mean([r["final"]["kl_to_initial"] for r in runs]) for m, runs in d["runs"].items() if m != "SFT"}
         lines.append(f"- **{dataset}:** " + "; ".join(parts) + ". Mean KL to the SFT policy: "
@@ -179,14 +172,7 @@ def format_markdown(payload: dict, figures: dict | None = None) -> str:
 
 
 def write_outputs(payload: dict, out: str) -> dict:
-    base = os.path.splitext(out)[0]
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    figures = {d: table4.plot_gold_vs_kl(payload, d, f"{base}_{d}.png") for d in payload["datasets"]}
-    with open(f"{base}.json", "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=1)
-    with open(out, "w", encoding="utf-8") as f:
-        f.write(format_markdown(payload, figures))
-    return {"md": out, "json": f"{base}.json", **figures}
+    return table4.write_table(payload, out, format_markdown)
 
 
 def main(argv=None):

@@ -95,6 +95,20 @@ def _mean_sd(xs) -> str:
     return f"{xs.mean():.3f} ± {xs.std(ddof=1):.3f}" if xs.size > 1 else f"{xs.mean():.3f}"
 
 
+def verdict(diff, win: float, lose: float) -> tuple[str, float, float]:
+    """(verdict, mean, standard error) of a claim "the first outperforms the second" from its paired
+    per-seed gold differences and head-to-head win / lose rates: confirmed when the mean difference
+    exceeds two standard errors and the first wins more than it loses, contradicted when the reverse
+    holds on both, otherwise not confirmed (one seed has an infinite standard error)."""
+    diff = np.asarray(diff, np.float64)
+    se = diff.std(ddof=1) / np.sqrt(diff.size) if diff.size > 1 else float("inf")
+    if diff.mean() > 2 * se and win > lose:
+        return "confirmed", float(diff.mean()), se
+    if diff.mean() < -2 * se and win < lose:
+        return "contradicted", float(diff.mean()), se
+    return "not confirmed", float(diff.mean()), se
+
+
 def reading(payload: dict) -> list[str]:
     """The table's claim (its duel's first method outperforms the second) per dataset, decided on the
     seeds' paired gold differences and the head-to-head."""
@@ -105,15 +119,9 @@ def reading(payload: dict) -> list[str]:
                            for a, b in zip(d["runs"][first], d["runs"][second])])
         win = np.mean([x["win"] for x in d["duel"]])
         lose = np.mean([x["lose"] for x in d["duel"]])
-        se = diff.std(ddof=1) / np.sqrt(diff.size) if diff.size > 1 else float("inf")
-        if diff.mean() > 2 * se and win > lose:
-            verdict = "confirmed"
-        elif diff.mean() < -2 * se and win < lose:
-            verdict = "contradicted"
-        else:
-            verdict = "not confirmed"
+        said, _, se = verdict(diff, win, lose)
         kl = [np.mean([r["final"]["kl_to_initial"] for r in d["runs"][m]]) for m in (first, second)]
-        lines.append(f"- **{dataset}: {verdict}.** {first} minus {second} gold reward {diff.mean():+.3f} (paired over "
+        lines.append(f"- **{dataset}: {said}.** {first} minus {second} gold reward {diff.mean():+.3f} (paired over "
                      f"{diff.size} seed(s), standard error {se:.3f}); head-to-head {first} wins {win:.3f}, loses "
                      f"{lose:.3f}; mean KL to the initial policy {first} {kl[0]:.2f} vs {second} {kl[1]:.2f} nats "
                      "(a gain bought with more KL is not a better trade-off: see the figure).")
@@ -174,15 +182,22 @@ def plot_gold_vs_kl(payload: dict, dataset: str, path: str) -> str:
     return path
 
 
-def write_outputs(payload: dict, out: str, **fmt) -> dict:
+def write_table(payload: dict, out: str, render, plot=None) -> dict:
+    """`out` (markdown from render(payload, figures)), `<base>.json` and one `<base>_<dataset>.png`
+    per dataset from plot(payload, dataset, path) (default: gold reward against KL); the paths."""
+    plot = plot or plot_gold_vs_kl
     base = os.path.splitext(out)[0]
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    figures = {d: plot_gold_vs_kl(payload, d, f"{base}_{d}.png") for d in payload["datasets"]}
+    figures = {d: plot(payload, d, f"{base}_{d}.png") for d in payload["datasets"]}
     with open(f"{base}.json", "w", encoding="utf-8") as f:
         json.dump(payload, f, indent=1)
     with open(out, "w", encoding="utf-8") as f:
-        f.write(format_markdown(payload, figures, **fmt))
+        f.write(render(payload, figures))
     return {"md": out, "json": f"{base}.json", **figures}
+
+
+def write_outputs(payload: dict, out: str, **fmt) -> dict:
+    return write_table(payload, out, lambda p, figures: format_markdown(p, figures, **fmt))
 
 
 def cli(argv, *, doc: str, launcher: str, default_out: str, run_fn, write_fn, fmt: dict | None = None,
