@@ -85,3 +85,29 @@ def test_table3_smoke(tmp_path):
     assert "overoptimisation_gap_sd" in dense["final"]
     md = (tmp_path / "t3.md").read_text()
     assert "| PPO + BT |" in md and "## Reading" in md and paths["synthetic"].endswith(".png")
+
+
+def test_cache_stores_each_seed_and_reruns_only_missing_ones(tmp_path, monkeypatch):
+    """`--cache DIR`: a seed that finished is read back with the same values and types (NumPy floats
+    come back as floats), a new seed runs, and without a cache every call runs."""
+    import json
+    import numpy as np
+    from ava_jax.pipelines import table4
+    calls = []
+
+    def fake(dataset, seed, *, tiny):
+        calls.append((dataset, seed, tiny))
+        return {"DPO": {"gold": [float(seed), 0.5], "final": {"kl": np.float32(seed + 0.25)}}}
+
+    monkeypatch.setitem(table4._CACHE, "dir", str(tmp_path))
+    first = table4.cached("tableX", fake)("stories", 1, tiny=True)
+    again = table4.cached("tableX", fake)("stories", 1, tiny=True)
+    other = table4.cached("tableX", fake)("stories", 2, tiny=True)
+    assert calls == [("stories", 1, True), ("stories", 2, True)]
+    assert first == again == {"DPO": {"gold": [1.0, 0.5], "final": {"kl": 1.25}}} and type(again["DPO"]["final"]["kl"]) is float
+    assert other["DPO"]["gold"][0] == 2.0
+    stored = json.load(open(tmp_path / "tableX_stories_seed1_tiny.json"))
+    assert set(stored) == {"date", "commit", "records"} and not list(tmp_path.glob("*.tmp"))
+    monkeypatch.setitem(table4._CACHE, "dir", None)
+    table4.cached("tableX", fake)("stories", 1, tiny=True)
+    assert len(calls) == 3

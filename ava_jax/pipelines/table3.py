@@ -101,7 +101,7 @@ def run_table(datasets=("synthetic", "stories"), seeds=(0, 1, 2), *, tiny: bool 
         per_prompt = ppo.default_config((TINY if tiny else VARIANTS)[dataset]).eval.samples_per_prompt
         runs = {}
         for seed in seeds:
-            for method, record in seed_runs(dataset, seed, tiny=tiny).items():
+            for method, record in table4.cached("table3", seed_runs)(dataset, seed, tiny=tiny).items():
                 runs.setdefault(method, []).append(record)
         duels = {}
         for rival in (m for m in runs if m != FIRST):

@@ -65,10 +65,11 @@ def seed_runs(dataset: str, seed: int, *, tiny: bool) -> dict:
 
 
 def run_table(datasets=("synthetic", "stories"), seeds=(0, 1, 2), *, tiny: bool = False, command: str = "",
-              methods: dict | None = None, duel: tuple = DUEL, seed_fn=None) -> dict:
+              methods: dict | None = None, duel: tuple = DUEL, seed_fn=None, table: str = "table4") -> dict:
     """Runs every (dataset, method, seed); returns the JSON payload (`format_markdown` renders it).
 
-    methods, duel, seed_fn: another table's (Table 5 reuses this driver).
+    methods, duel, seed_fn, table: another table's (Table 5 reuses this driver); table names its
+    stored seeds under `--cache`.
     """
     methods, seed_fn = methods or METHODS, seed_fn or seed_runs
     t0 = time.perf_counter()
@@ -78,7 +79,7 @@ def run_table(datasets=("synthetic", "stories"), seeds=(0, 1, 2), *, tiny: bool 
     for dataset in datasets:
         runs = {m: [] for m in methods}
         for seed in seeds:
-            for method, record in seed_fn(dataset, seed, tiny=tiny).items():
+            for method, record in cached(table, seed_fn)(dataset, seed, tiny=tiny).items():
                 runs[method].append(record)
         duels = []
         per_prompt = direct.default_config("dpo", (TINY if tiny else DATASETS)[dataset]).eval.samples_per_prompt
@@ -200,6 +201,42 @@ def write_outputs(payload: dict, out: str, **fmt) -> dict:
     return write_table(payload, out, lambda p, figures: format_markdown(p, figures, **fmt))
 
 
+_CACHE = {"dir": None}
+
+
+def cached(table: str, seed_fn):
+    """seed_fn(dataset, seed, tiny=) -> JSON-able records, stored per (table, dataset, seed) under the
+    directory of `--cache DIR` when one is given: a killed table run, or one given more seeds, reruns
+    only the seeds it has not stored. Each file records the date and commit it was made at."""
+    def wrapped(dataset: str, seed: int, *, tiny: bool):
+        if not _CACHE["dir"]:
+            return seed_fn(dataset, seed, tiny=tiny)
+        path = os.path.join(_CACHE["dir"], f"{table}_{dataset}_seed{seed}{'_tiny' if tiny else ''}.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                stored = json.load(f)
+            log.info("%s: %s / seed %d from %s (made %s at %s)", table, dataset, seed, path, stored["date"],
+                     stored["commit"])
+            return stored["records"]
+        records = seed_fn(dataset, seed, tiny=tiny)
+        os.makedirs(_CACHE["dir"], exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+            json.dump({"date": datetime.datetime.now().isoformat(timespec="seconds"), "commit": _commit(),
+                       "records": records}, f, default=float)
+        os.replace(path + ".tmp", path)
+        return json.loads(json.dumps(records, default=float))  # the same types as a stored seed
+    return wrapped
+
+
+def _commit() -> str:
+    import subprocess
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__)), timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
 def cli(argv, *, doc: str, launcher: str, default_out: str, run_fn, write_fn, fmt: dict | None = None,
         render=None):
     """The command line shared by the table drivers (Tables 2, 4 and 5); render(payload) -> markdown
@@ -210,7 +247,10 @@ def cli(argv, *, doc: str, launcher: str, default_out: str, run_fn, write_fn, fm
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--tiny", action="store_true", help="the tiny variants (a smoke run)")
     p.add_argument("--out", default=default_out)
+    p.add_argument("--cache", default="", metavar="DIR",
+                   help="store each (dataset, seed) as it finishes and reuse stored ones (resume a killed run)")
     args = p.parse_args(argv)
+    _CACHE["dir"] = args.cache or None
     logging.basicConfig(level=logging.INFO)
     for name in ("absl", "jax", "orbax"):
         logging.getLogger(name).setLevel(logging.WARNING)
