@@ -144,12 +144,16 @@ class MLP(nnx.Module):
 
     def __call__(self, x_BxTxD):
         dt = self.cfg.jnp_dtype
+        # jnp.einsum, as in Attention: every weight product is one einsum with the weight on the right,
+        # which is what LoRA adapters (models.lora, through qwix) attach to.
+        up = lambda x, w: jnp.einsum("btd,df->btf", x, w[...].astype(dt))
+        down = lambda h, w: jnp.einsum("btf,fd->btd", h, w[...].astype(dt))
         if self.cfg.arch == "gpt2":
-            h_BxTxF = x_BxTxD @ self.w_fc[...].astype(dt) + self.b_fc[...].astype(dt)
+            h_BxTxF = up(x_BxTxD, self.w_fc) + self.b_fc[...].astype(dt)
             h_BxTxF = jax.nn.gelu(h_BxTxF, approximate=True)  # GPT-2's "gelu_new"
-            return h_BxTxF @ self.w_proj[...].astype(dt) + self.b_proj[...].astype(dt)
-        gate_BxTxF = jax.nn.silu(x_BxTxD @ self.w_gate[...].astype(dt))
-        return (gate_BxTxF * (x_BxTxD @ self.w_up[...].astype(dt))) @ self.w_down[...].astype(dt)
+            return down(h_BxTxF, self.w_proj) + self.b_proj[...].astype(dt)
+        gate_BxTxF = jax.nn.silu(up(x_BxTxD, self.w_gate))
+        return down(gate_BxTxF * up(x_BxTxD, self.w_up), self.w_down)
 
 
 class Block(nnx.Module):
