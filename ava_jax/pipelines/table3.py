@@ -129,7 +129,30 @@ def reading(payload: dict) -> list[str]:
         lines.append(f"- **{dataset}:** " + "; ".join(parts) + ". Mean KL to the SFT policy: "
                      + ", ".join(f"{m} {v:.1f}" for m, v in kl.items()) + " nats (a gain bought with more KL is "
                      "not a better trade-off: see the figure).")
+        lines += _degeneration(dataset, d["runs"])
     return lines
+
+
+DEGENERATE_NATS = 1.0  # per-token drop of the samples' log-likelihood under the initial LM
+
+
+def _degeneration(dataset: str, runs: dict) -> list[str]:
+    """A gold gain from text the initial LM finds far less likely than the SFT policy's is suspect:
+    the stories gold reward is a lexicon sum (docs/stories.md), which repetition of a joyful word
+    raises without bound. Names every method whose samples lost more than DEGENERATE_NATS nats per
+    token against SFT."""
+    base = np.mean([r["final"]["initial_loglik_per_token"] for r in runs["SFT"]])
+    bad = {m: np.mean([r["final"]["initial_loglik_per_token"] for r in rs]) for m, rs in runs.items() if m != "SFT"}
+    bad = {m: v for m, v in bad.items() if v < base - DEGENERATE_NATS}
+    if not bad:
+        return []
+    return [f"- **{dataset}, degenerate text:** the samples of " + ", ".join(f"{m} ({v:.2f})" for m, v in bad.items())
+            + f" have a log-likelihood under the initial LM more than {DEGENERATE_NATS:g} nat per token below SFT's "
+            f"({base:.2f}); " + (
+                "read the examples: where they repeat a rewarded word, the gold gain is a hack of the gold reward (a "
+                "lexicon sum that grows with repetition), not a better policy, and the verdicts above measure which "
+                "reward model is easiest to hack along with the gold." if dataset == "stories" else
+                "the policy left the demonstrations' distribution (read the examples and the response lengths).")]
 
 
 def format_markdown(payload: dict, figures: dict | None = None) -> str:
