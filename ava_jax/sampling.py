@@ -121,7 +121,9 @@ def _generate(graphdef, state, tokens_BxP, mask_BxP, key, *, cfg: SamplingConfig
         logp_BxN = logp_BxN.at[:, i].set(jnp.where(live_B, logp_B, 0.0))
         mask_BxN = mask_BxN.at[:, i].set(live_B)
         done_B = done_B | (token_B == eos)
-        step = model(token_B[:, None], live_B[:, None], cache=cache)
+        # Merged at the loop body's trace level: a module is only set up (e.g. LoRA adapters'
+        # bookkeeping in models.lora) where it is traced.
+        step = nnx.merge(graphdef, state)(token_B[:, None], live_B[:, None], cache=cache)
         return i + 1, step.cache, step.logits[:, -1], done_B, tokens_BxN, logp_BxN, mask_BxN
 
     init = (jnp.zeros((), jnp.int32), out.cache, out.logits[:, -1], jnp.zeros((B,), bool),

@@ -18,11 +18,13 @@ from typing import Callable
 
 import jax
 import optax
+from flax import nnx
 
 from ava_jax.train.checkpoint import RunCheckpointer
 from ava_jax.train.loop import BatchSource, LoopOptions, train_loop
 from ava_jax.train.metrics import MetricWriter
-from ava_jax.train.step import NO_FROZEN, StepOptions, TrainStep, freeze, init_train_state, make_train_step
+from ava_jax.train.step import (NO_FROZEN, StepOptions, TrainStep, fixed_params, freeze,
+                                init_train_state, make_train_step)
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +71,16 @@ class TrainingRun:
     writer: MetricWriter
     checkpointer: RunCheckpointer | None
     resumed_from: int | None
+    fixed: object = None  # the parameters the state does not train (a LoRA run's base weights), or None
+
+    def full_params(self, state=None):
+        """Every parameter of the model: the trained ones of `state` (default: the run's) and the fixed ones."""
+        params = (self.state if state is None else state).params
+        return params if self.fixed is None else nnx.merge_state(params, self.fixed)
+
+    def model(self, state=None):
+        """The NNX module with the parameters of `state` (default: the run's)."""
+        return nnx.merge(self.graphdef, self.full_params(state))
 
     def train(self, key, eval_fn: Callable | None = None):
         """Runs the loop to `options.num_steps`; returns (and keeps) the final state."""
@@ -91,7 +103,8 @@ class TrainingRun:
 
 def start_run(model, loss_fn, batches: BatchSource, batch_example, *, mesh, optimizer: OptimizerConfig,
               loop: LoopOptions, step_options: StepOptions = StepOptions(), workdir: str = "",
-              best_metric: str | None = None, best_mode: str = "max", frozen: dict | None = None) -> TrainingRun:
+              best_metric: str | None = None, best_mode: str = "max", frozen: dict | None = None,
+              trainable=None, views: dict | None = None) -> TrainingRun:
     """Creates the state, the jitted step and the run directory's writer and checkpointer; resumes.
 
     Args:
@@ -107,15 +120,27 @@ def start_run(model, loss_fn, batches: BatchSource, batch_example, *, mesh, opti
         best_mode: "max" or "min".
       frozen: {name: NNX module} the loss reads but does not train (a reference policy, a reward
         model), passed to the step as sharded, non-donated arguments.
+      trainable: the NNX filter of what is trained (None: every parameter; `models.lora.trainable`
+        for LoRA). The rest is `TrainingRun.fixed`: non-donated step arguments, not in the optimizer
+        and not checkpointed (a resume rebuilds them from the model given here).
+      views: {name: (graphdef, key)} frozen models made of the fixed parameters under `key` (a LoRA
+        run's reference: the backbone without adapters, read from the same base weights).
     """
     tx = make_optimizer(optimizer)
-    graphdef, state = init_train_state(model, tx, mesh)
-    frozen_models = freeze(frozen, mesh) if frozen else NO_FROZEN
-    step = make_train_step(graphdef, loss_fn, tx, mesh, state, batch_example, step_options, frozen_models)
+    if trainable is None:
+        if views:
+            raise ValueError("start_run: views read the fixed parameters, which only a `trainable` filter leaves")
+        graphdef, state = init_train_state(model, tx, mesh)
+        fixed = None
+    else:
+        graphdef, state = init_train_state(model, tx, mesh, trainable)
+        fixed = fixed_params(model, trainable, mesh)
+    frozen_models = freeze(frozen or {}, mesh, views) if (frozen or views) else NO_FROZEN
+    step = make_train_step(graphdef, loss_fn, tx, mesh, state, batch_example, step_options, frozen_models, fixed)
     ckpt = RunCheckpointer(workdir, best_metric=best_metric, best_mode=best_mode) if workdir else None
     resumed = None
     if ckpt is not None and ckpt.latest_step() is not None:
         state = ckpt.restore(state, batches.checkpoint_iterator)
         resumed = int(jax.device_get(state.step))
         log.info("resuming %s at step %d", workdir, resumed)
-    return TrainingRun(graphdef, state, step, batches, loop, MetricWriter(workdir or None), ckpt, resumed)
+    return TrainingRun(graphdef, state, step, batches, loop, MetricWriter(workdir or None), ckpt, resumed, fixed)

@@ -32,16 +32,25 @@ class TrainState:
     bad_steps: jax.Array  # consecutive non-finite steps ending at `step`
 
 
-def init_train_state(model: nnx.Module, optimizer: optax.GradientTransformation, mesh):
+def init_train_state(model: nnx.Module, optimizer: optax.GradientTransformation, mesh, trainable=nnx.Param):
     """Splits the model and creates parameters and optimizer state directly in their shardings.
 
     Returns (graphdef, TrainState). The parameters are placed by `sharding.PARAM_RULES`; the optimizer
     state is created by a jitted `optimizer.init`, which gives Adam's moments their parameter's sharding.
+    trainable: the NNX filter of what the state trains (default every Param; `models.lora.trainable`
+    for a LoRA run, whose other parameters are `fixed_params`).
     """
-    graphdef, params = nnx.split(model, nnx.Param)
+    graphdef, params, _ = nnx.split(model, trainable, ...)
     # may_alias=False: the step donates its state, which must not delete the caller's model arrays.
     params = shd.place(params, shd.param_shardings(params, mesh))
     return graphdef, _state(params, optimizer, mesh)
+
+
+def fixed_params(model: nnx.Module, trainable, mesh):
+    """The parameters outside `trainable` (a LoRA run's base weights) placed by `sharding.PARAM_RULES`,
+    sharing the model's buffers where they already sit there: the step never donates them."""
+    _, _, fixed = nnx.split(model, trainable, ...)
+    return jax.device_put(fixed, shd.param_shardings(fixed, mesh))
 
 
 def abstract_train_state(model_fn: Callable[[], nnx.Module], optimizer, mesh):
@@ -71,32 +80,42 @@ def _state(params, optimizer, mesh) -> TrainState:
 
 @dataclasses.dataclass(frozen=True)
 class FrozenModels:
-    """Models the loss reads but does not train: {name: graphdef} (static) and {name: params} (arrays)."""
+    """Models the loss reads but does not train: {name: graphdef} (static) and {name: params} (arrays),
+    plus views: {name: (graphdef, key)}, models made of the trained model's fixed parameters under
+    `key` (a LoRA run's reference: the backbone without adapters, read from the base weights the step
+    already holds, so no second copy)."""
     graphdefs: dict
     params: dict
+    views: dict = dataclasses.field(default_factory=dict)
 
     @property
     def names(self) -> tuple[str, ...]:
-        return tuple(sorted(self.graphdefs))
+        return tuple(sorted({*self.graphdefs, *self.views}))
 
-    def merge(self, params=None) -> dict:
-        """{name: NNX module} rebuilt from `params` (default: the stored ones); inside a jitted step
-        pass the traced parameters."""
+    def merge(self, params=None, fixed=None) -> dict:
+        """{name: NNX module} rebuilt from `params` (default: the stored ones) and, for the views, from
+        the trained model's fixed parameters; inside a jitted step pass the traced ones."""
         params = self.params if params is None else params
-        return {k: nnx.merge(self.graphdefs[k], jax.lax.stop_gradient(params[k])) for k in self.graphdefs}
+        out = {k: nnx.merge(self.graphdefs[k], jax.lax.stop_gradient(params[k])) for k in self.graphdefs}
+        if self.views and fixed is None:
+            raise ValueError(f"frozen views {sorted(self.views)} need the trained model's fixed parameters")
+        for k, (graphdef, key) in self.views.items():
+            out[k] = nnx.merge(graphdef, jax.lax.stop_gradient(fixed[key]))
+        return out
 
 
 NO_FROZEN = FrozenModels({}, {})
 
 
-def freeze(models: dict, mesh) -> FrozenModels:
+def freeze(models: dict, mesh, views: dict | None = None) -> FrozenModels:
     """Splits each module and places its parameters by `sharding.PARAM_RULES` (copies: the step never
-    donates them, and the caller's arrays stay valid)."""
+    donates them, and the caller's arrays stay valid). views: {name: (graphdef, key)} as in
+    FrozenModels."""
     graphdefs, params = {}, {}
     for name, module in models.items():
         graphdefs[name], p = nnx.split(module, nnx.Param)
         params[name] = shd.place(p, shd.param_shardings(p, mesh))
-    return FrozenModels(graphdefs, params)
+    return FrozenModels(graphdefs, params, dict(views or {}))
 
 
 def _tree_all_finite(tree) -> jax.Array:
@@ -115,15 +134,18 @@ def _split_micro(batch, accum: int):
     return jax.tree.map(one, batch)
 
 
-def grads_and_metrics(loss_fn, graphdef, params, batch, rng, accum: int, frozen: dict | None = None):
+def grads_and_metrics(loss_fn, graphdef, params, batch, rng, accum: int, frozen: dict | None = None,
+                      fixed=None):
     """Gradient of loss_sum_total / count_total over `accum` micro-batches, and summed metrics.
 
     frozen: {name: NNX module} handed to the loss as it is (no gradient flows to it).
+    fixed: the model's parameters outside `params` (a LoRA run's base weights): read, not differentiated.
     """
     frozen = {} if frozen is None else frozen
+    fixed = () if fixed is None else (jax.lax.stop_gradient(fixed),)
 
     def micro(p, mb, key):
-        model = nnx.merge(graphdef, p)
+        model = nnx.merge(graphdef, p, *fixed)
         loss, metrics = loss_fn(model, mb, key, frozen)
         loss_sum, count = metrics["loss"]
         # d(loss_sum)/dp = count * d(loss)/dp; return the sum so micro-batches add up exactly.
@@ -160,24 +182,26 @@ class TrainStep:
     """`step(state, batch, key) -> (state, metrics)`: the jitted step with the frozen models' parameters
     bound as arguments (`jitted(state, batch, key, frozen_params)` is the compiled function)."""
 
-    def __init__(self, jitted, frozen: FrozenModels, batch_shardings=None):
-        self.jitted, self.frozen, self.batch_shardings = jitted, frozen, batch_shardings
+    def __init__(self, jitted, frozen: FrozenModels, batch_shardings=None, fixed=None):
+        self.jitted, self.frozen, self.batch_shardings, self.fixed = jitted, frozen, batch_shardings, fixed
 
     def __call__(self, state, batch, key):
         # Several processes: each holds its share of the rows; assemble the global arrays first.
         batch = shd.global_batch(batch, self.batch_shardings) if self.batch_shardings is not None else batch
-        return self.jitted(state, batch, key, self.frozen.params)
+        return self.jitted(state, batch, key, self.frozen.params, self.fixed)
 
     def lower(self, state, batch, key):
-        return self.jitted.lower(state, batch, key, self.frozen.params)
+        return self.jitted.lower(state, batch, key, self.frozen.params, self.fixed)
 
 
 def make_train_step(graphdef, loss_fn, optimizer: optax.GradientTransformation, mesh, state: TrainState,
-                    batch_example, options: StepOptions = StepOptions(), frozen: FrozenModels = NO_FROZEN):
+                    batch_example, options: StepOptions = StepOptions(), frozen: FrozenModels = NO_FROZEN,
+                    fixed=None):
     """Builds `step(state, batch, key) -> (state, metrics)`, jitted with explicit shardings.
 
     The batch is split over the (data, fsdp) axes; the state keeps its current shardings and is
-    donated; the frozen models' parameters (`freeze`) keep theirs and are not donated. A step whose
+    donated; the frozen models' parameters (`freeze`) keep theirs and are not donated, and so do the
+    model's fixed parameters (`fixed_params`: a LoRA run's base weights). A step whose
     loss or gradients are not finite leaves parameters and optimizer state unchanged, sets
     metrics["skipped"] and increments `state.bad_steps` (reset by the next good step).
     """
@@ -194,11 +218,12 @@ def make_train_step(graphdef, loss_fn, optimizer: optax.GradientTransformation, 
     batch_sh = jax.tree.map(lambda x: shd.batch_sharding(mesh, x.ndim), batch_example)
     replicated = NamedSharding(mesh, P())
     frozen_sh = jax.tree.map(lambda x: x.sharding, frozen.params)
+    fixed_sh = jax.tree.map(lambda x: x.sharding, fixed)
 
-    def step(state: TrainState, batch, key, frozen_params):
+    def step(state: TrainState, batch, key, frozen_params, fixed):
         rng = jax.random.fold_in(key, state.step)
         grads, metrics = grads_and_metrics(loss_fn, graphdef, state.params, batch, rng, options.accum_steps,
-                                           frozen.merge(frozen_params))
+                                           frozen.merge(frozen_params, fixed), fixed)
         ok = jnp.isfinite(metrics["loss"][0]) & _tree_all_finite(grads)
         # Zero non-finite gradients before the update so no NaN reaches the optimizer, then keep the
         # old state wholesale when the step was bad.
@@ -216,10 +241,10 @@ def make_train_step(graphdef, loss_fn, optimizer: optax.GradientTransformation, 
         metrics["grad_norm"] = (jnp.where(ok, optax.tree.norm(grads), 0.0), ok.astype(jnp.float32))
         return new_state, metrics
 
-    jitted = jax.jit(step, in_shardings=(state_sh, batch_sh, replicated, frozen_sh),
+    jitted = jax.jit(step, in_shardings=(state_sh, batch_sh, replicated, frozen_sh, fixed_sh),
                      out_shardings=(state_sh, replicated),
                      donate_argnames=("state",) if options.donate else ())
-    return TrainStep(jitted, frozen, batch_sh)
+    return TrainStep(jitted, frozen, batch_sh, fixed)
 
 
 def metric_means(metrics) -> dict[str, float]:
