@@ -116,6 +116,20 @@ def mesh_config(m: ml_collections.ConfigDict) -> MeshConfig:
     return MeshConfig(data=m.data, fsdp=m.fsdp, tensor=m.tensor)
 
 
+def lora_section() -> ml_collections.ConfigDict:
+    """The default `config.lora` of the policy pipelines: rank 0 is full fine-tuning (`models.lora`)."""
+    from ava_jax.models.lora import LoraConfig
+    d = LoraConfig()
+    return ml_collections.ConfigDict(dict(rank=d.rank, alpha=float(d.alpha), targets=d.targets, export=d.export))
+
+
+def lora_config(c: ml_collections.ConfigDict):
+    """`config.lora` -> models.lora.LoraConfig (errors name the key)."""
+    from ava_jax.models.lora import LoraConfig
+    return LoraConfig(rank=int(c.lora.rank), alpha=float(c.lora.alpha), targets=str(c.lora.targets),
+                      export=str(c.lora.export))
+
+
 def scratch_model_config(s: ml_collections.ConfigDict, *, vocab_size: int | None, dtype: str, param_dtype: str,
                          remat: bool, attention: str = "auto") -> ModelConfig:
     """The backbone for `model.path="scratch"` (e.g. the synthetic task), shaped by `model.scratch`."""
