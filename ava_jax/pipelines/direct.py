@@ -47,6 +47,7 @@ from ava_jax.models import param_count
 from ava_jax.models.build import build_tqr
 from ava_jax.sampling import SamplingConfig
 from ava_jax.train.loop import IteratorBatches
+from ava_jax.train.lora import LoraRun
 from ava_jax.train.reference import (ReferenceCache, pair_sequence_logprobs, sequence_logprobs_of,
                                      tokenizer_fingerprint)
 from ava_jax.train.setup import start_run
@@ -106,6 +107,9 @@ def default_config(objective: str, variant: str | None = None) -> ml_collections
     # The policy's Q must stay causal: the bidirectional weighting w_t multiplies the reward head only.
     c.model.weight_heads = "reward"
     c.export = True  # the final policy as a Hugging Face directory at <workdir>/policy
+    # LoRA (models.lora; rank 0 = full fine-tuning): adapters on the backbone's projections, the base
+    # weights fixed and shared with the reference; lora.export "merged", "adapters" or "both".
+    c.lora = cfglib.lora_section()
     cfglib.apply_objective_defaults(c, KIND)
     c.workdir = f"runs/direct_{objective}" if variant in ("", "synthetic") else ""
     if variant == "paper":
@@ -294,12 +298,16 @@ def run(config: ml_collections.ConfigDict):
     objective, lcfg = cfglib.objective_config(config, KIND)
     data_cfg = cfglib.data_config(config.data)
     heads = cfglib.head_config(config.model)
+    lora_cfg = cfglib.lora_config(config)
     model, tokenizer = build_tqr(cfglib.backbone_spec(config), heads, config.seed)
-    initial = nnx.clone(model)  # the same weights: the baseline (and default reference), never trained
+    mesh = shd.make_mesh(**vars(cfglib.mesh_config(config.mesh)))
+    lora_run = LoraRun.adapt(model, lora_cfg, mesh, config.seed) if lora_cfg.enabled else None
+    # The baseline (and default reference), never trained: a copy of the weights, or with LoRA the
+    # same base weights read without the adapters.
+    initial = lora_run.initial(model) if lora_run else nnx.clone(model)
     reference = load_reference(config, initial, tokenizer)
     scfg = task_sampling(data_cfg, config.sampling, tokenizer)
     scfg = _sampling_reading(config, heads, lcfg, scfg)
-    mesh = shd.make_mesh(**vars(cfglib.mesh_config(config.mesh)))
     source = _data_source(config, objective)
     if source == "pairs":
         splits, pad_id, extra = load_pair_splits(data_cfg, tokenizer)
@@ -316,8 +324,10 @@ def run(config: ml_collections.ConfigDict):
         log.info("mesh: %s; %s policy, %d parameters; objective %s; %d train %s", shd.describe(mesh),
                  model.cfg.arch, param_count(model), objective.name, len(splits["train"]),
                  "demonstrations" if wrap else "pairs")
-        refs, frozen = {}, None
-        if needs_reference and config.reference.online:
+        refs, frozen, views = {}, None, None
+        if needs_reference and config.reference.online and lora_run and not config.reference.path:
+            views = lora_run.views("reference")  # the base weights the step already holds
+        elif needs_reference and config.reference.online:
             frozen = {"reference": reference}
         elif needs_reference:
             cache_dir = config.reference.cache_dir or (os.path.join(config.workdir, "reference")
@@ -338,11 +348,14 @@ def run(config: ml_collections.ConfigDict):
         loss_fn = objective.loss_fn(lcfg)
         run_ = start_run(model, loss_fn, batches, example, mesh=mesh, optimizer=cfglib.optimizer_config(t),
                          loop=cfglib.loop_options(t), step_options=cfglib.step_options(t),
-                         workdir=config.workdir, best_metric="loss", best_mode="min", frozen=frozen)
+                         workdir=config.workdir, best_metric="loss", best_mode="min", frozen=frozen,
+                         trainable=lora_run.trainable if lora_run else None, views=views)
+        if lora_run:
+            extra["lora"] = lora_run.summary(model)
         val_ref = refs.get("validation")
         val_loss = _validation_loss(run_.graphdef, loss_fn, splits["validation"],
                                     val_ref.attach if val_ref is not None else wrap, run_.step.frozen, e.batch_size,
-                                    pad_id, pad_multiple)
+                                    pad_id, pad_multiple, fixed=run_.fixed)
         if e.split not in ("validation", "test"):
             raise ConfigError(f"eval.split={e.split!r} is not one of ('validation', 'test')")
         judging = PolicyEvaluation(heldout_prompts(splits[e.split], e.num_prompts), scfg,
@@ -356,13 +369,13 @@ def run(config: ml_collections.ConfigDict):
         def evaluate(s):
             metrics = val_loss(s.params)
             if e.trajectory:  # the held-out judging too, so gold reward can be plotted against KL
-                judged, _ = judging.evaluate(nnx.merge(run_.graphdef, s.params), initial.backbone)
+                judged, _ = judging.evaluate(run_.model(s), initial.backbone)
                 trajectory.append({"step": int(jax.device_get(s.step)), **judged})
                 metrics.update({f"judge/{k}": v for k, v in judged.items()})
             return metrics
 
         state = run_.train(jax.random.key(config.seed), evaluate)
-        trained = nnx.merge(run_.graphdef, state.params)
+        trained = run_.model(state)
         after, per1 = judging.evaluate(trained, initial.backbone)
         after.update(judging.vs_initial(per1, per0, e.tie_threshold))
         run_.writer.write(int(state.step), {f"initial/{k}": v for k, v in before.items()})
@@ -375,12 +388,14 @@ def run(config: ml_collections.ConfigDict):
                           {k: v for k, v in extra.items() if not k.endswith("_prefs")},
                           examples=_examples(per0, per1, tokenizer), trajectory=trajectory)
     if config.workdir and config.export and shd.is_primary():
-        result.policy_dir = export_policy(trained, tokenizer, os.path.join(config.workdir, "policy"))
+        out = os.path.join(config.workdir, "policy")
+        result.policy_dir = (lora_run.export(trained, tokenizer, out, export_policy, base=config.model.path)
+                             if lora_run else export_policy(trained, tokenizer, out))
     result.wall_s = time.perf_counter() - t0
     if config.workdir and shd.is_primary():
         write_summary(result, config)
     print(format_result(result, config.workdir))
-    result.params, result.graphdef = state.params, run_.graphdef
+    result.params, result.graphdef = run_.full_params(state), run_.graphdef
     result.per_sample = {"initial": per0, "final": per1}
     return result
 
@@ -427,11 +442,13 @@ def _afd_splits(config, demos: dict, initial, tokenizer, scfg):
     return out, {"sft_policy": path, "pairs": {k: len(v) for k, v in out.items() if k != "test"}}
 
 
-def _validation_loss(graphdef, loss_fn, arrays, transform, frozen, batch_size, pad_id, pad_multiple):
-    """`fn(params) -> {metric: mean}` of the objective on the validation pairs (the loop's evaluation)."""
+def _validation_loss(graphdef, loss_fn, arrays, transform, frozen, batch_size, pad_id, pad_multiple, fixed=None):
+    """`fn(params) -> {metric: mean}` of the objective on the validation pairs (the loop's evaluation);
+    fixed: the parameters the state does not train (LoRA's base weights)."""
     @jax.jit
-    def one(params, frozen_params, batch):  # the frozen models' parameters are arguments, as in the step
-        return loss_fn(nnx.merge(graphdef, params), batch, None, frozen.merge(frozen_params))[1]
+    def one(params, frozen_params, fixed, batch):  # the frozen models' parameters are arguments, as in the step
+        model = nnx.merge(graphdef, params, *(() if fixed is None else (fixed,)))
+        return loss_fn(model, batch, None, frozen.merge(frozen_params, fixed))[1]
 
     ds = make_dataset(arrays, batch_size, 0, pad_id=pad_id, pad_to_multiple=pad_multiple, shuffle=False,
                       num_epochs=1, drop_remainder=True)
@@ -440,7 +457,7 @@ def _validation_loss(graphdef, loss_fn, arrays, transform, frozen, batch_size, p
         totals = {}
         for batch in ds:
             batch = transform(batch) if transform is not None else batch
-            for k, (s, c) in jax.device_get(one(params, frozen.params, batch)).items():
+            for k, (s, c) in jax.device_get(one(params, frozen.params, fixed, batch)).items():
                 a, b = totals.get(k, (0.0, 0.0))
                 totals[k] = (a + float(s), b + float(c))
         return metric_means(totals) if totals else {}

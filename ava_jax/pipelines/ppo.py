@@ -44,6 +44,7 @@ from ava_jax.pipelines import direct, reward_model
 from ava_jax.rl.ppo import make_ppo_loss
 from ava_jax.rl.rewards import RewardConfig, check_reward_model
 from ava_jax.rl.rollout import RolloutSource
+from ava_jax.train.lora import LoraRun
 from ava_jax.train.reference import tokenizer_fingerprint
 from ava_jax.train.setup import start_run
 
@@ -100,6 +101,9 @@ def default_config(variant: str | None = None) -> ml_collections.ConfigDict:
                                             judge=""))
     c.sampling.temperature = 1.0
     c.export = True
+    # LoRA on the policy (models.lora; rank 0 = full fine-tuning): the reference and the initial
+    # policy are the base weights without the adapters; the value head (and a separate critic) train fully.
+    c.lora = cfglib.lora_section()
     c.workdir = "runs/ppo" if variant in ("", "synthetic") else ""
     if variant == "tiny":
         c.data.stories.update(num_pairs=32, num_eval_pairs=16, num_demos=32, num_eval_demos=16)
@@ -231,9 +235,16 @@ def _run_ppo(config, pcfg, rcfg, data_cfg, rm_dir, policy_path, sft, t0) -> PpoR
     spec_cfg.model.path = policy_path
     tqr, tokenizer = build_tqr(cfglib.backbone_spec(spec_cfg), cfglib.head_config(config.model), config.seed)
     policy = tqr.backbone
-    initial = nnx.clone(policy)  # the reference and the baseline, never trained
     splits, pad_id, _ = load_pair_splits(data_cfg, tokenizer)
     mesh = shd.make_mesh(**vars(cfglib.mesh_config(config.mesh)))
+    lora_cfg = cfglib.lora_config(config)
+    model = ActorCritic(policy, separate_critic=bool(config.ppo.separate_critic))
+    if lora_cfg.enabled:  # the reference and the baseline: the same base weights without the adapters
+        lora_run = LoraRun.adapt(model, lora_cfg, mesh, config.seed)
+        initial, reference = lora_run.initial_backbone(), lora_run.reference()
+    else:  # the reference and the baseline, never trained: a copy
+        lora_run, initial = None, nnx.clone(policy)
+        reference = initial
     scfg = direct.task_sampling(data_cfg, config.sampling, tokenizer)
     e, p = config.eval, config.ppo
     with jax.set_mesh(mesh):
@@ -249,10 +260,9 @@ def _run_ppo(config, pcfg, rcfg, data_cfg, rm_dir, policy_path, sft, t0) -> PpoR
                      "re-encoded text and mapped back to the policy's tokens (rl.retokenize)")
         check_reward_model(rm, rcfg)
         judge = direct.make_judge(data_cfg, tokenizer, e.judge, pad_id=pad_id, mesh=mesh)
-        model = ActorCritic(policy, separate_critic=bool(p.separate_critic))
-        graphdef = nnx.split(model, nnx.Param)[0]
+        graphdef = nnx.graphdef(model)
         train_prompts = direct.heldout_prompts(splits["train"], len(splits["train"]))
-        source = RolloutSource(graphdef, train_prompts, scfg, pcfg, rcfg, rm, initial, rows=p.rollout_batch,
+        source = RolloutSource(graphdef, train_prompts, scfg, pcfg, rcfg, rm, reference, rows=p.rollout_batch,
                                minibatches=p.minibatches, epochs=p.epochs, seed=config.seed,
                                reward_scale=config.reward.scale, judge=judge, pad_id=pad_id,
                                retokenizer=retokenizer, mesh=mesh)
@@ -263,8 +273,9 @@ def _run_ppo(config, pcfg, rcfg, data_cfg, rm_dir, policy_path, sft, t0) -> PpoR
                  "separate" if p.separate_critic else "value head on the policy trunk", rm_dir, rm.objective.title,
                  rcfg.mode, len(train_prompts), p.iterations, p.rollout_batch)
         run_ = start_run(model, loss_fn, source, source.example(), mesh=mesh, optimizer=cfglib.optimizer_config(t),
-                         loop=cfglib.loop_options(t), step_options=cfglib.step_options(t), workdir=config.workdir)
-        source.writer, source.graphdef = run_.writer, run_.graphdef
+                         loop=cfglib.loop_options(t), step_options=cfglib.step_options(t), workdir=config.workdir,
+                         trainable=lora_run.trainable if lora_run else None)
+        source.writer, source.graphdef, source.fixed = run_.writer, run_.graphdef, run_.fixed
         if e.split not in ("validation", "test"):
             raise ConfigError(f"eval.split={e.split!r} is not one of ('validation', 'test')")
         judging = direct.PolicyEvaluation(direct.heldout_prompts(splits[e.split], e.num_prompts), scfg, judge, pad_id,
@@ -274,13 +285,13 @@ def _run_ppo(config, pcfg, rcfg, data_cfg, rm_dir, policy_path, sft, t0) -> PpoR
         trajectory = [{"iteration": 0, **before}]
 
         def evaluate(s):
-            judged, _ = judging.evaluate(nnx.merge(run_.graphdef, s.params), initial)
+            judged, _ = judging.evaluate(run_.model(s), initial)
             it = int(jax.device_get(s.step)) // source.steps_per_iteration
             trajectory.append({"iteration": it, **judged})
             return {f"judge/{k}": v for k, v in judged.items()}
 
         state = run_.train(jax.random.key(config.seed + 1), evaluate if e.trajectory else None)
-        trained = nnx.merge(run_.graphdef, state.params)
+        trained = run_.model(state)
         after, per1 = judging.evaluate(trained, initial)
         after.update(judging.vs_initial(per1, per0, e.tie_threshold))
         run_.writer.write(int(state.step), {f"initial/{k}": v for k, v in before.items()})
@@ -292,6 +303,8 @@ def _run_ppo(config, pcfg, rcfg, data_cfg, rm_dir, policy_path, sft, t0) -> PpoR
     extra = {"judge": judge.name if judge is not None else None, "reward_objective": rm.objective.name,
              "policy_start": policy_path, "sft": sft, "resumed_from_step": run_.resumed_from,
              "reward_model_accuracy": _rm_accuracy(rm_dir)}
+    if lora_run:
+        extra["lora"] = lora_run.summary(model)
     result = PpoResult(rm_dir, rcfg.mode, before, after, source.history, trajectory, ckpt_dir, "", 0.0, extra,
                        examples=direct._examples(per0, per1, tokenizer), per_sample={"initial": per0, "final": per1})
     if config.workdir and shd.is_primary():
@@ -299,7 +312,9 @@ def _run_ppo(config, pcfg, rcfg, data_cfg, rm_dir, policy_path, sft, t0) -> PpoR
             for m in source.history:
                 f.write(json.dumps(m) + "\n")
         if config.export:
-            result.policy_dir = direct.export_policy(trained, tokenizer, os.path.join(config.workdir, "policy"))
+            out = os.path.join(config.workdir, "policy")
+            result.policy_dir = (lora_run.export(trained, tokenizer, out, direct.export_policy, base=policy_path)
+                                 if lora_run else direct.export_policy(trained, tokenizer, out))
     result.wall_s = time.perf_counter() - t0
     if config.workdir and shd.is_primary():
         write_summary(result, config)

@@ -155,6 +155,7 @@ class RolloutSource:
         self.rows, self.minibatches, self.epochs, self.seed = rows, minibatches, epochs, seed
         self.reward_scale, self.judge, self.writer, self.pad_id = reward_scale, judge, writer, pad_id
         self.retokenizer = retokenizer
+        self.fixed = None  # the parameters the train state does not hold (LoRA's base weights), set by the pipeline
         self.width = -(-max(map(len, self.prompts)) // sampling.prompt_bucket) * sampling.prompt_bucket
         self.n = sampling.max_new_tokens
         self.checkpoint_iterator = RolloutState(ppo.kl_coef)
@@ -185,7 +186,8 @@ class RolloutSource:
     def next_batch(self, state, step: int):
         iteration, k = divmod(step, self.steps_per_iteration)
         if self._current is None or self._current[0] != iteration:
-            self._current = (iteration, self.collect(state.params, iteration, step))
+            params = state.params if self.fixed is None else nnx.merge_state(state.params, self.fixed)
+            self._current = (iteration, self.collect(params, iteration, step))
         epoch, mb = divmod(k, self.minibatches)
         order = np.random.default_rng((self.seed, iteration, epoch)).permutation(self.rows)
         idx = np.sort(order[mb * self.minibatch_rows:(mb + 1) * self.minibatch_rows])
