@@ -9,6 +9,13 @@ Adam moments are what this codebase trains with (param_dtype float32; compute dt
 
   python bench/memory.py                         # fsdp 8: parameters and AdamW state, all three shapes
   python bench/memory.py --shapes gpt2-small --compile --batch 8 --seq 1024   # + the step's temporaries
+  python bench/memory.py --single-gpu --lora-rank 16   # full against LoRA fine-tuning on one device
+
+`--single-gpu` answers "what fits one 80 GB GPU": for each shape the bytes of the base weights, the
+trained parameters, AdamW's moments, the gradients and a reference policy (DPO, PPO) for full
+fine-tuning (fp32 master weights, the reference a second bf16 copy) and for LoRA (the adapted model
+built abstractly through qwix, `models.lora`; the base fp32 or bf16, fixed, the reference the same
+arrays). Activations come on top: `--compile` on an accelerator host.
 """
 from __future__ import annotations
 
@@ -86,6 +93,51 @@ def report(name, mesh, batch, seq, compile_step: bool, remat: bool):
     return row
 
 
+def lora_rows(name: str, rank: int) -> list[dict]:
+    """GiB of each part of single-device fine-tuning, full and LoRA (abstract arrays only)."""
+    from ava_jax.models import lora
+    gib = 2.0 ** -30
+    rows = []
+    for param_dtype in ("float32", "bfloat16"):
+        cfg = ModelConfig(max_seq_len=1024, dtype="bfloat16", param_dtype=param_dtype, **SHAPES[name])
+
+        def build():
+            model = TQR(cfg, rngs=nnx.Rngs(0))
+            model.backbone, _ = lora.apply(model.backbone, lora.LoraConfig(rank=rank))
+            return model
+
+        abstract = nnx.eval_shape(build)
+        size = lambda f: sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+                             for x in jax.tree.leaves(nnx.state(abstract, f)))
+        # The base: the backbone's weights; trained: the adapters and the heads (lora.trainable).
+        base_filter = nnx.All(lora.is_base, nnx.Not(lora.trainable))
+        base, adapters = size(base_filter), size(lora.trainable)
+        n_adapters = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(abstract, lora.trainable)))
+        n_base = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(abstract, base_filter)))
+        if param_dtype == "float32":  # full fine-tuning: fp32 master weights, moments and gradients
+            parts = dict(base=0, trained=4 * n_base, adam=8 * n_base, grads=4 * n_base, reference=2 * n_base)
+            rows.append({"model": name, "mode": "full (fp32 master, bf16 reference)", **parts})
+        parts = dict(base=base, trained=adapters, adam=8 * n_adapters, grads=4 * n_adapters, reference=0)
+        rows.append({"model": name, "mode": f"LoRA r={rank}, base {param_dtype} (the reference)", **parts})
+    for r in rows:
+        r.update({k: r[k] * gib for k in ("base", "trained", "adam", "grads", "reference")})
+        r["total"] = sum(r[k] for k in ("base", "trained", "adam", "grads", "reference"))
+    return rows
+
+
+def single_gpu(shapes, rank: int):
+    print("one device, AdamW; GiB without activations (80 GB = 74.5 GiB); moments and gradients counted in fp32 "
+          "(an upper bound where the trained part is bf16)")
+    print("| model | fine-tuning | base weights | trained | AdamW moments | gradients | reference | total | "
+          "fits 80 GB (before activations) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name in shapes:
+        for r in lora_rows(name, rank):
+            print(f"| {r['model']} | {r['mode']} | {r['base']:.2f} | {r['trained']:.3f} | {r['adam']:.3f} | "
+                  f"{r['grads']:.3f} | {r['reference']:.2f} | {r['total']:.2f} | "
+                  f"{'yes' if r['total'] < 80e9 / 2**30 else 'no'} |", flush=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default=",".join(SHAPES))
@@ -96,7 +148,11 @@ def main():
     p.add_argument("--compile", action="store_true",
                    help="also compile the train step for its temporaries (slow on fake CPU devices: the "
                         "GPT-2-small step did not finish in 15 min on 2 cores; use an accelerator host)")
+    p.add_argument("--single-gpu", action="store_true", help="full against LoRA fine-tuning on one device")
+    p.add_argument("--lora-rank", type=int, default=16)
     args = p.parse_args()
+    if args.single_gpu:
+        return single_gpu(args.shapes.split(","), args.lora_rank)
     mesh = shd.make_mesh(data=-1, fsdp=args.fsdp)
     print(f"mesh: {shd.describe(mesh)}; global batch {args.batch} x {args.seq}; bf16 compute, fp32 parameters "
           "and AdamW moments")
