@@ -156,9 +156,11 @@ def process_shard() -> tuple[int, int]:
 def global_batch(batch, shardings):
     """This process's rows of a global batch -> global arrays (`jax.make_array_from_process_local_data`;
     the local rows are the process's contiguous block of the batch axis, as `data.batching` reads
-    them). On one process the batch is returned unchanged (jit places it)."""
+    them). On one process the arrays are put in the step's shardings (host arrays are copied; device
+    arrays already there are kept; one committed elsewhere, e.g. a rollout's, is resharded, which jit
+    would refuse)."""
     if jax.process_count() == 1:
-        return batch
+        return jax.device_put(batch, shardings)
     return jax.tree.map(lambda x, sh: jax.make_array_from_process_local_data(sh, np.asarray(x)), batch, shardings)
 
 

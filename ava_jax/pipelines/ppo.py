@@ -216,9 +216,6 @@ class PpoResult:
 
 def run(config: ml_collections.ConfigDict) -> PpoResult:
     t0 = time.perf_counter()
-    if jax.process_count() > 1:
-        raise ConfigError("the ppo pipeline runs in one process (any number of local devices); its rollouts are not "
-                          "split across processes yet: run it without --multihost")
     pcfg = ppo_config(config)
     rcfg = RewardConfig(mode=config.reward.mode, pessimism=float(config.reward.pessimism), score=config.reward.score)
     data_cfg = cfglib.data_config(config.data)

@@ -31,6 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ava_jax import sharding as shd
+
 from ava_jax.losses.ppo import PpoConfig, gae, kl_estimate, masked_whiten
 from ava_jax.rl.ppo import lm_response_logprobs, policy_outputs
 from ava_jax.rl.rewards import RewardConfig, dense_stats, last_index, reward_tensor
@@ -177,8 +179,8 @@ class RolloutSource:
         return self.rows // self.minibatches
 
     def example(self) -> dict:
-        """A minibatch of the right shapes and dtypes (for the step's shardings)."""
-        b, t, n = self.minibatch_rows, self.width + self.n, self.n
+        """This process's share of a minibatch, of the right shapes and dtypes (for the step's shardings)."""
+        b, t, n = self.minibatch_rows // jax.process_count(), self.width + self.n, self.n
         shapes = {"tokens_BxT": ((b, t), np.int32), "mask_BxT": ((b, t), bool), "response_mask_BxN": ((b, n), bool)}
         out = {k: np.zeros(*shapes.get(k, ((b, n), np.float32))) for k in BATCH_KEYS}
         return out
@@ -191,6 +193,13 @@ class RolloutSource:
         epoch, mb = divmod(k, self.minibatches)
         order = np.random.default_rng((self.seed, iteration, epoch)).permutation(self.rows)
         idx = np.sort(order[mb * self.minibatch_rows:(mb + 1) * self.minibatch_rows])
+        # Several processes: every one collects the same rollout (same keys, replicated results) and
+        # hands the step its contiguous share of the minibatch, the rows its devices hold in the
+        # global batch (train.step assembles it).
+        i, n = shd.process_shard()
+        if len(idx) % n:
+            raise ValueError(f"a PPO minibatch of {len(idx)} rows does not split over {n} processes")
+        idx = idx[i * len(idx) // n:(i + 1) * len(idx) // n]
         return {key: v[idx] for key, v in self._current[1].batch.items()}
 
     def collect(self, params, iteration: int, step: int | None = None) -> Rollout:
