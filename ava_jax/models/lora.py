@@ -98,11 +98,7 @@ def is_base(path, variable) -> bool:
 
 def adapter_names(module) -> list[str]:
     """'blocks.0.attn.wq' for every adapted weight, in path order."""
-    names = set()
-    for path, _ in nnx.iter_graph(module):
-        if path and isinstance(path[-1], str) and path[-1].endswith("_lora_a"):
-            names.add(".".join(map(str, path))[: -len("_lora_a")])
-    return sorted(names)
+    return sorted(".".join(map(str, (*path, name))) for path, _, name in _adapted_modules(module))
 
 
 def _adapted_modules(module):
