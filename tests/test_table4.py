@@ -92,22 +92,22 @@ def test_cache_stores_each_seed_and_reruns_only_missing_ones(tmp_path, monkeypat
     come back as floats), a new seed runs, and without a cache every call runs."""
     import json
     import numpy as np
-    from ava_jax.pipelines import table4
+    from ava_jax.pipelines import tables
     calls = []
 
     def fake(dataset, seed, *, tiny):
         calls.append((dataset, seed, tiny))
         return {"DPO": {"gold": [float(seed), 0.5], "final": {"kl": np.float32(seed + 0.25)}}}
 
-    monkeypatch.setitem(table4._CACHE, "dir", str(tmp_path))
-    first = table4.cached("tableX", fake)("stories", 1, tiny=True)
-    again = table4.cached("tableX", fake)("stories", 1, tiny=True)
-    other = table4.cached("tableX", fake)("stories", 2, tiny=True)
+    monkeypatch.setitem(tables.CACHE, "dir", str(tmp_path))
+    first = tables.cached("tableX", fake)("stories", 1, tiny=True)
+    again = tables.cached("tableX", fake)("stories", 1, tiny=True)
+    other = tables.cached("tableX", fake)("stories", 2, tiny=True)
     assert calls == [("stories", 1, True), ("stories", 2, True)]
     assert first == again == {"DPO": {"gold": [1.0, 0.5], "final": {"kl": 1.25}}} and type(again["DPO"]["final"]["kl"]) is float
     assert other["DPO"]["gold"][0] == 2.0
     stored = json.load(open(tmp_path / "tableX_stories_seed1_tiny.json"))
     assert set(stored) == {"date", "commit", "records"} and not list(tmp_path.glob("*.tmp"))
-    monkeypatch.setitem(table4._CACHE, "dir", None)
-    table4.cached("tableX", fake)("stories", 1, tiny=True)
+    monkeypatch.setitem(tables.CACHE, "dir", None)
+    tables.cached("tableX", fake)("stories", 1, tiny=True)
     assert len(calls) == 3

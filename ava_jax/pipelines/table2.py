@@ -26,8 +26,8 @@ import time
 
 import numpy as np
 
-from ava_jax.pipelines import best_of_n, reward_model, table4
-from ava_jax.pipelines.table4 import _mean_sd
+from ava_jax.pipelines import best_of_n, reward_model, tables
+from ava_jax.pipelines.tables import mean_sd
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def run_table(datasets=("synthetic", "stories"), seeds=(0, 1, 2), *, tiny: bool 
     payload = {"date": datetime.date.today().isoformat(), "command": command, "seeds": list(seeds),
                "host": f"{platform.machine()}, Python {platform.python_version()}", "datasets": {}}
     for dataset in datasets:
-        payload["datasets"][dataset] = {"runs": [table4.cached("table2", seed_run)(dataset, s, tiny=tiny) for s in seeds]}
+        payload["datasets"][dataset] = {"runs": [tables.cached("table2", seed_run)(dataset, s, tiny=tiny) for s in seeds]}
     payload["wall_s"] = time.perf_counter() - t0
     return payload
 
@@ -103,7 +103,7 @@ def reading(payload: dict) -> list[str]:
             diff = np.subtract(_gold(runs, FIRST, k), _gold(runs, rival, k))
             h = [r["head_to_head"][f"{FIRST} vs {rival}"] for r in runs]
             win, lose = np.mean([x["win"][-1] for x in h]), np.mean([x["lose"][-1] for x in h])
-            said, mean, se = table4.verdict(diff, win, lose)
+            said, mean, se = tables.verdict(diff, win, lose)
             parts.append(f"against {rival} **{said}** (gold at N={k} {mean:+.3f}, standard error "
                          f"{se:.3f} over {diff.size} seed(s); head-to-head wins {win:.3f}, loses {lose:.3f})")
         lines.append(f"- **{dataset}:** " + "; ".join(parts) + ".")
@@ -125,8 +125,8 @@ def format_markdown(payload: dict, figures: dict | None = None) -> str:
                 "| reward model | test accuracy | " + " | ".join(f"gold, N={n}" for n in ns) + " |",
                 "|---|---|" + "---|" * len(ns)]
         for method in METHODS:
-            out.append(f"| {method} | {_mean_sd([r['accuracy'][method] for r in runs])} | "
-                       + " | ".join(_mean_sd(_gold(runs, method, n)) for n in ns) + " |")
+            out.append(f"| {method} | {mean_sd([r['accuracy'][method] for r in runs])} | "
+                       + " | ".join(mean_sd(_gold(runs, method, n)) for n in ns) + " |")
         out.append("")
         for rival in (m for m in METHODS if m != FIRST):
             h = [r["head_to_head"][f"{FIRST} vs {rival}"] for r in runs]
@@ -170,9 +170,9 @@ def plot(payload: dict, dataset: str, path: str) -> str:
 
 
 def write_outputs(payload: dict, out: str) -> dict:
-    return table4.write_table(payload, out, format_markdown, plot)
+    return tables.write_table(payload, out, format_markdown, plot)
 
 
 def main(argv=None):
-    return table4.cli(argv, doc=__doc__, launcher="launch/table2.py", default_out="table2.md", run_fn=run_table,
+    return tables.cli(argv, doc=__doc__, launcher="launch/table2.py", default_out="table2.md", run_fn=run_table,
                       write_fn=write_outputs, render=format_markdown)

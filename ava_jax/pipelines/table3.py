@@ -30,8 +30,8 @@ import time
 import numpy as np
 
 from ava_jax.eval.policy import win_rate
-from ava_jax.pipelines import ppo, reward_model, table4
-from ava_jax.pipelines.table4 import _mean_sd
+from ava_jax.pipelines import ppo, reward_model, table4, tables
+from ava_jax.pipelines.tables import mean_sd
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def run_table(datasets=("synthetic", "stories"), seeds=(0, 1, 2), *, tiny: bool 
         per_prompt = ppo.default_config((TINY if tiny else VARIANTS)[dataset]).eval.samples_per_prompt
         runs = {}
         for seed in seeds:
-            for method, record in table4.cached("table3", seed_runs)(dataset, seed, tiny=tiny).items():
+            for method, record in tables.cached("table3", seed_runs)(dataset, seed, tiny=tiny).items():
                 runs.setdefault(method, []).append(record)
         duels = {}
         for rival in (m for m in runs if m != FIRST):
@@ -122,7 +122,7 @@ def reading(payload: dict) -> list[str]:
             diff = np.asarray([a["final"]["gold_reward"] - b["final"]["gold_reward"]
                                for a, b in zip(d["runs"][FIRST], d["runs"][rival])])
             win, lose = np.mean([x["win"] for x in duels]), np.mean([x["lose"] for x in duels])
-            said, mean, se = table4.verdict(diff, win, lose)
+            said, mean, se = tables.verdict(diff, win, lose)
             parts.append(f"against {rival} **{said}** (gold {mean:+.3f}, se {se:.3f} over {diff.size} "
                          f"seed(s); wins {win:.3f}, loses {lose:.3f})")
         kl = {m: np.mean([r["final"]["kl_to_initial"] for r in runs]) for m, runs in d["runs"].items() if m != "SFT"}
@@ -168,11 +168,11 @@ def format_markdown(payload: dict, figures: dict | None = None) -> str:
                 + " | ".join(name for name, _, _ in metrics) + " |", "|---|---|" + "---|" * len(metrics)]
         for method, runs in d["runs"].items():
             acc = [r.get("reward_model_accuracy") for r in runs]
-            acc_s = _mean_sd(acc) if all(a is not None for a in acc) else "-"
+            acc_s = mean_sd(acc) if all(a is not None for a in acc) else "-"
             cells = []
             for _, k, _ in metrics:
                 vals = [r["final"].get(k, np.nan) for r in runs]
-                cells.append("-" if all(np.isnan(v) for v in vals) else _mean_sd(vals))
+                cells.append("-" if all(np.isnan(v) for v in vals) else mean_sd(vals))
             out.append(f"| {method} | {acc_s} | " + " | ".join(cells) + " |")
         out.append("")
         for rival, duels in d["duels"].items():
@@ -195,9 +195,9 @@ def format_markdown(payload: dict, figures: dict | None = None) -> str:
 
 
 def write_outputs(payload: dict, out: str) -> dict:
-    return table4.write_table(payload, out, format_markdown)
+    return tables.write_table(payload, out, format_markdown)
 
 
 def main(argv=None):
-    return table4.cli(argv, doc=__doc__, launcher="launch/table3.py", default_out="table3.md", run_fn=run_table,
+    return tables.cli(argv, doc=__doc__, launcher="launch/table3.py", default_out="table3.md", run_fn=run_table,
                       write_fn=write_outputs, render=format_markdown)

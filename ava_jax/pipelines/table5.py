@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import tempfile
 
-from ava_jax.pipelines import direct, table4
+from ava_jax.pipelines import direct, table4, tables
 
 log = logging.getLogger(__name__)
 
@@ -55,5 +55,6 @@ def write_outputs(payload: dict, out: str) -> dict:
 
 
 def main(argv=None):
-    return table4.cli(argv, doc=__doc__, launcher="launch/table5.py", default_out="table5.md", run_fn=run_table,
-                      write_fn=write_outputs, fmt={"title": TITLE, "claim": CLAIM})
+    return tables.cli(argv, doc=__doc__, launcher="launch/table5.py", default_out="table5.md", run_fn=run_table,
+                      write_fn=write_outputs,
+                      render=lambda payload: table4.format_markdown(payload, title=TITLE, claim=CLAIM))
