@@ -111,3 +111,68 @@ def test_cache_stores_each_seed_and_reruns_only_missing_ones(tmp_path, monkeypat
     monkeypatch.setitem(tables.CACHE, "dir", None)
     tables.cached("tableX", fake)("stories", 1, tiny=True)
     assert len(calls) == 3
+
+
+@pytest.mark.parametrize("launcher", ["table2", "table4", "table5"])
+@pytest.mark.parametrize("args, says", [
+    (("--datasets", "paper"), "needs --model-path and --judge"),
+    (("--datasets", "paper", "--model-path", "bundled:tinystories-260k"), "needs --judge"),
+    (("--datasets", "synthetic,nosuch"), "unknown dataset 'nosuch'"),
+])
+def test_table_cli_user_errors_are_one_line(tmp_path, launcher, args, says):
+    """A missing flag of the `paper` dataset or an unknown dataset: one line, exit status 2, nothing run."""
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, f"launch/{launcher}.py", *args, "--out", str(tmp_path / "t.md")],
+                          capture_output=True, text=True, timeout=120,
+                          cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and not ln.startswith("WARNING")]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], proc.stderr[-2000:]
+    assert not (tmp_path / "t.md").exists()
+
+
+def test_paper_setup_points_every_pipeline_at_the_checkpoint_data_and_judge():
+    """Paper.apply on each pipeline's `paper` variant: the model path, data path and judge land on the
+    keys that pipeline reads, and --tiny shrinks the run without touching them."""
+    from ava_jax.pipelines import best_of_n, direct, reward_model, table2
+    from ava_jax.pipelines.tables import Paper
+    paper = Paper("/ckpt/smollm2", "/runs/judge", "/data/hh_train.jsonl")
+    d = table4.run_config("DPO", "paper", 3, paper=paper)
+    assert (d.model.path, d.data.path, d.eval.judge, d.seed) == ("/ckpt/smollm2", "/data/hh_train.jsonl", "/runs/judge", 3)
+    assert d.data.format == "hh" and d.model.dtype == "bfloat16"
+    assert d.train.steps == direct.default_config("dpo", "paper").train.steps
+    r = table2.rm_config("ava_p", "paper", 0, tiny=True, paper=paper)
+    assert r.model.path == "/ckpt/smollm2" and r.train.steps == 2 and r.data.max_train_pairs == 16
+    assert reward_model.default_config("ava_p", "paper").train.steps > 100
+    b = table2.bon_config("paper", 1, ["/a", "/b"], tiny=False, paper=paper)
+    assert (b.best_of_n.judge, b.best_of_n.reward_models, b.data.format) == ("/runs/judge", "/a,/b", "hh")
+    assert b.best_of_n.samples_per_prompt == best_of_n.default_config("paper").best_of_n.samples_per_prompt
+    with pytest.raises(ValueError, match="needs --judge"):
+        Paper("/ckpt/smollm2", "")
+
+
+@pytest.mark.slow
+def test_paper_rows_run_end_to_end_on_the_bundled_model(tmp_path):
+    """The `paper` dataset of Tables 4, 5 and 2 with --tiny on the bundled TinyStories-260K and the
+    bundled HH-RLHF file, judged by a tiny BT reward-model run: every row is made and rendered
+    (about 4 min on 2 cores; the real thing needs an accelerator)."""
+    pytest.importorskip("matplotlib")
+    from ava_jax.pipelines import reward_model, table2, table5
+    from ava_jax.pipelines.tables import Paper
+    judge = reward_model.default_config("bt", "hh_tiny")
+    judge.workdir, judge.train.progress = str(tmp_path / "judge"), False
+    reward_model.run(judge)
+    paper = Paper("bundled:tinystories-260k", judge.workdir)
+    t4 = table4.run_table(("paper",), (0,), tiny=True, command="test", paper=paper)
+    d = t4["datasets"]["paper"]
+    assert set(d["runs"]) == {"DPO", "AVA-p"} and d["setup"]["judge"] == judge.workdir
+    assert len(d["runs"]["DPO"][0]["gold"]) == 4 * 2  # num_prompts x samples_per_prompt of the tiny paper run
+    md = table4.format_markdown(t4)
+    assert "judge reward model" in md and "| AVA-p |" in md
+    t5 = table5.run_table(("paper",), (0,), tiny=True, command="test", paper=paper)
+    assert list(t5["datasets"]["paper"]["runs"]) == ["SFT", "DPO w/ AfD", "AVA-p w/ AfD", "AVA-d"]
+    t2 = table2.run_table(("paper",), (0,), tiny=True, command="test", paper=paper)
+    run = t2["datasets"]["paper"]["runs"][0]
+    assert list(run["curves"]) == ["AVA-p", "BT", "PT"] and run["samples_per_prompt"] == 4
+    assert "judge reward model" in table2.format_markdown(t2)

@@ -2,6 +2,8 @@
 
   python launch/table2.py --out docs/table2.md                    # synthetic + stories, 3 seeds each
   python launch/table2.py --datasets synthetic --seeds 0 --tiny --out /tmp/t2.md   # a smoke run
+  python launch/table2.py --datasets paper --model-path PATH --judge RUN_DIR [--data-path HH.jsonl] \
+      --out docs/table2_paper.md   # the paper's setting on an accelerator (tables.Paper)
 
 Per (dataset, seed): train the three reward models (`reward_model` pipeline, each objective's
 default config for the task, the seed setting heads and data order), draw one pool of K samples per
@@ -17,6 +19,7 @@ decides the claim from ours.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import logging
 import os
@@ -35,13 +38,16 @@ METHODS = {"AVA-p": "ava_p", "BT": "bt", "PT": "pt"}
 FIRST = "AVA-p"
 CLAIM = "Best-of-N with AVA-p's reward model yields better responses than with BT or PT reward models"
 TITLE = "Table 2: Best-of-N with AVA-p, BT and PT reward models"
-RM_VARIANTS = {"synthetic": "synthetic", "stories": ""}
-RM_TINY = {"synthetic": "synthetic_tiny", "stories": "tiny"}
+RM_VARIANTS = {"synthetic": "synthetic", "stories": "", tables.PAPER: "paper"}  # dataset -> reward_model variant
+RM_TINY = {"synthetic": "synthetic_tiny", "stories": "tiny", tables.PAPER: "paper"}  # paper: Paper.apply shrinks
 SHOW_N = (1, 2, 4, 8, 16, 32, 64)
 
 
-def bon_config(dataset: str, seed: int, dirs: list[str], *, tiny: bool):
-    c = best_of_n.default_config("synthetic" if dataset == "synthetic" else ("tiny" if tiny else ""))
+def bon_config(dataset: str, seed: int, dirs: list[str], *, tiny: bool, paper: tables.Paper | None = None):
+    if dataset == tables.PAPER:
+        c = paper.apply(best_of_n.default_config("paper"), tiny=tiny)
+    else:
+        c = best_of_n.default_config("synthetic" if dataset == "synthetic" else ("tiny" if tiny else ""))
     if dataset == "synthetic":
         c.model.path = "scratch"  # the synthetic direct runs' initial policy: a fresh scratch model
         if tiny:
@@ -52,20 +58,29 @@ def bon_config(dataset: str, seed: int, dirs: list[str], *, tiny: bool):
     return c
 
 
-def seed_run(dataset: str, seed: int, *, tiny: bool) -> dict:
+def rm_config(objective: str, dataset: str, seed: int, *, tiny: bool, paper: tables.Paper | None = None):
+    """One reward model of the table (the `paper` dataset needs `paper`)."""
+    c = reward_model.default_config(objective, tables.variant_of(dataset, RM_VARIANTS, RM_TINY, tiny, paper))
+    if dataset == tables.PAPER:
+        paper.apply(c, tiny=tiny)
+    c.seed, c.train.progress = seed, False
+    return c
+
+
+def seed_run(dataset: str, seed: int, *, tiny: bool, paper: tables.Paper | None = None) -> dict:
     """One seed: the three reward models, then their Best-of-N curves from one shared pool."""
     accuracy, wall = {}, {}
     with tempfile.TemporaryDirectory(prefix="ava_table2_") as tmp:
         dirs = []
         for method, objective in METHODS.items():
-            c = reward_model.default_config(objective, (RM_TINY if tiny else RM_VARIANTS)[dataset])
-            c.seed, c.workdir, c.train.progress = seed, os.path.join(tmp, objective), False
+            c = rm_config(objective, dataset, seed, tiny=tiny, paper=paper)
+            c.workdir = os.path.join(tmp, objective)
             log.info("table2: %s / %s reward model / seed %d", dataset, method, seed)
             r = reward_model.run(c)
             accuracy[method], wall[method] = r.metrics["test"]["accuracy"], r.wall_s
             dirs.append(c.workdir)
         log.info("table2: %s / Best-of-N / seed %d", dataset, seed)
-        payload = best_of_n.run(bon_config(dataset, seed, dirs, tiny=tiny))
+        payload = best_of_n.run(bon_config(dataset, seed, dirs, tiny=tiny, paper=paper))
     names = list(payload["curves"])  # insertion order = METHODS order
     rename = dict(zip(names, METHODS))
     duels = {f"{rename[a]} vs {rename[b]}": v for key, v in payload["head_to_head"].items()
@@ -76,12 +91,20 @@ def seed_run(dataset: str, seed: int, *, tiny: bool) -> dict:
             "judge": payload["judge"]}
 
 
-def run_table(datasets=("synthetic", "stories"), seeds=(0, 1, 2), *, tiny: bool = False, command: str = "") -> dict:
+def run_table(datasets=("synthetic", "stories"), seeds=(0, 1, 2), *, tiny: bool = False, command: str = "",
+              paper: tables.Paper | None = None) -> dict:
+    """Every (dataset, seed); paper: the checkpoint, data and judge of the `paper` dataset."""
     t0 = time.perf_counter()
     payload = {"date": datetime.date.today().isoformat(), "command": command, "seeds": list(seeds),
                "host": f"{platform.machine()}, Python {platform.python_version()}", "datasets": {}}
+    for dataset in datasets:  # an unknown dataset fails before any run
+        tables.variant_of(dataset, RM_VARIANTS, RM_TINY, tiny, paper)
     for dataset in datasets:
-        payload["datasets"][dataset] = {"runs": [tables.cached("table2", seed_run)(dataset, s, tiny=tiny) for s in seeds]}
+        setup = paper if dataset == tables.PAPER else None
+        payload["datasets"][dataset] = {"runs": [tables.cached("table2", seed_run)(dataset, s, tiny=tiny, paper=setup)
+                                                 for s in seeds]}
+        if setup is not None:
+            payload["datasets"][dataset]["setup"] = dataclasses.asdict(setup)
     payload["wall_s"] = time.perf_counter() - t0
     return payload
 
@@ -120,7 +143,7 @@ def format_markdown(payload: dict, figures: dict | None = None) -> str:
         runs = d["runs"]
         k = runs[0]["samples_per_prompt"]
         ns = [n for n in runs[0]["curves"][FIRST]["n"] if n in SHOW_N or n == k]
-        out += [f"## {dataset}", "", f"{runs[0]['num_prompts']} held-out prompts x {k} samples of the initial policy "
+        out += [f"## {dataset}", "", *tables.setup_lines(d), f"{runs[0]['num_prompts']} held-out prompts x {k} samples of the initial policy "
                 f"per seed, judged by {runs[0]['judge']}. N = 1 is the policy itself (the same for every model).", "",
                 "| reward model | test accuracy | " + " | ".join(f"gold, N={n}" for n in ns) + " |",
                 "|---|---|" + "---|" * len(ns)]
@@ -175,4 +198,4 @@ def write_outputs(payload: dict, out: str) -> dict:
 
 def main(argv=None):
     return tables.cli(argv, doc=__doc__, launcher="launch/table2.py", default_out="table2.md", run_fn=run_table,
-                      write_fn=write_outputs, render=format_markdown)
+                      write_fn=write_outputs, render=format_markdown, paper=True)

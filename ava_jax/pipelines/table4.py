@@ -2,6 +2,8 @@
 
   python launch/table4.py --out docs/table4.md                    # synthetic + stories, 3 seeds each
   python launch/table4.py --datasets synthetic --seeds 0 --tiny --out /tmp/t4.md   # a smoke run
+  python launch/table4.py --datasets paper --model-path PATH --judge RUN_DIR [--data-path HH.jsonl] \
+      --out docs/table4_paper.md   # the paper's setting on an accelerator (tables.Paper)
 
 Every (dataset, method, seed) is one `direct` run from the same initial policy on the same pairs; the
 seed sets the heads' initialisation and the data order. Both methods are judged on the same held-out
@@ -14,6 +16,7 @@ The paper's own Table 4 figures are not in this repository's sources (../shared/
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import logging
 import os
@@ -24,7 +27,7 @@ import numpy as np
 
 from ava_jax.eval.policy import win_rate
 from ava_jax.pipelines import direct
-from ava_jax.pipelines.tables import cached, cli, mean_sd, verdict, write_table
+from ava_jax.pipelines.tables import PAPER, Paper, cached, cli, mean_sd, setup_lines, verdict, variant_of, write_table
 
 log = logging.getLogger(__name__)
 
@@ -32,16 +35,19 @@ METHODS = {"DPO": "dpo", "AVA-p": "ava_p"}
 DUEL = ("AVA-p", "DPO")  # the paper's claim: the first outperforms the second
 CLAIM = "AVA-p outperforms DPO"
 TITLE = "Table 4: AVA-p against DPO, direct optimisation on preference pairs"
-DATASETS = {"synthetic": "synthetic", "stories": ""}
-TINY = {"synthetic": "synthetic_tiny", "stories": "tiny"}
+DATASETS = {"synthetic": "synthetic", "stories": "", PAPER: "paper"}  # dataset -> the direct pipeline's variant
+TINY = {"synthetic": "synthetic_tiny", "stories": "tiny", PAPER: "paper"}  # with --tiny (paper: Paper.apply shrinks)
 METRICS = (("gold reward", "gold_reward", 3), ("KL to initial", "kl_to_initial", 2),
            ("win vs initial", "vs_initial_win", 3), ("held-out log-lik", "heldout_loglik_chosen", 3),
            ("samples' log-lik under initial LM", "initial_loglik_per_token", 3))
 
 
 def run_config(method: str, dataset: str, seed: int, *, tiny: bool = False, trajectory_points: int = 2,
-               objective: str | None = None):
-    c = direct.default_config(objective or METHODS[method], (TINY if tiny else DATASETS)[dataset])
+               objective: str | None = None, paper: Paper | None = None):
+    """The direct run of one (method, dataset, seed); the `paper` dataset needs `paper`."""
+    c = direct.default_config(objective or METHODS[method], variant_of(dataset, DATASETS, TINY, tiny, paper))
+    if dataset == PAPER:
+        paper.apply(c, tiny=tiny)
     c.seed, c.workdir, c.train.progress = seed, "", False
     c.eval.trajectory = True
     c.train.eval_every = max(1, c.train.steps // trajectory_points)
@@ -53,38 +59,45 @@ def _record(r) -> dict:
             "gold": r.per_sample["final"]["gold"].tolist(), "wall_s": r.wall_s, "examples": r.examples[:2]}
 
 
-def seed_runs(dataset: str, seed: int, *, tiny: bool) -> dict:
+def seed_runs(dataset: str, seed: int, *, tiny: bool, paper: Paper | None = None) -> dict:
     """{method: record} of one seed: every method of METHODS from the same initial policy."""
     out = {}
     for method in METHODS:
         log.info("table4: %s / %s / seed %d", dataset, method, seed)
-        out[method] = _record(direct.run(run_config(method, dataset, seed, tiny=tiny)))
+        out[method] = _record(direct.run(run_config(method, dataset, seed, tiny=tiny, paper=paper)))
     return out
 
 
 def run_table(datasets=("synthetic", "stories"), seeds=(0, 1, 2), *, tiny: bool = False, command: str = "",
-              methods: dict | None = None, duel: tuple = DUEL, seed_fn=None, table: str = "table4") -> dict:
+              methods: dict | None = None, duel: tuple = DUEL, seed_fn=None, table: str = "table4",
+              paper: Paper | None = None) -> dict:
     """Runs every (dataset, method, seed); returns the JSON payload (`format_markdown` renders it).
 
     methods, duel, seed_fn, table: another table's (Table 5 reuses this driver); table names its
-    stored seeds under `--cache`.
+    stored seeds under `--cache`. paper: the checkpoint, data and judge of the `paper` dataset.
     """
     methods, seed_fn = methods or METHODS, seed_fn or seed_runs
     t0 = time.perf_counter()
     payload = {"date": datetime.date.today().isoformat(), "command": command, "seeds": list(seeds),
                "host": f"{platform.machine()}, Python {platform.python_version()}", "datasets": {},
                "duel": list(duel)}
+    # samples per prompt (the duel's bootstrap groups) by dataset; an unknown dataset fails before any run
+    per_prompt = {d: run_config(next(iter(methods)), d, seeds[0], tiny=tiny, paper=paper,
+                                objective=next(iter(methods.values()))).eval.samples_per_prompt for d in datasets}
     for dataset in datasets:
         runs = {m: [] for m in methods}
         for seed in seeds:
-            for method, record in cached(table, seed_fn)(dataset, seed, tiny=tiny).items():
+            for method, record in cached(table, seed_fn)(dataset, seed, tiny=tiny,
+                                                         paper=paper if dataset == PAPER else None).items():
                 runs[method].append(record)
         duels = []
-        per_prompt = direct.default_config("dpo", (TINY if tiny else DATASETS)[dataset]).eval.samples_per_prompt
         for a, b in zip(runs[duel[0]], runs[duel[1]]):
-            groups = np.repeat(np.arange(len(a["gold"]) // per_prompt), per_prompt)
+            k = per_prompt[dataset]
+            groups = np.repeat(np.arange(len(a["gold"]) // k), k)
             duels.append(win_rate(a["gold"], b["gold"], tau=0.0, groups_N=groups).as_dict())
         payload["datasets"][dataset] = {"runs": runs, "duel": duels}
+        if dataset == PAPER:
+            payload["datasets"][dataset]["setup"] = dataclasses.asdict(paper)
     payload["wall_s"] = time.perf_counter() - t0
     return payload
 
@@ -116,7 +129,7 @@ def format_markdown(payload: dict, figures: dict | None = None, title: str = TIT
     out += [f"Seeds {', '.join(map(str, payload['seeds']))}; mean ± sample sd over seeds. Host: {payload['host']}; "
             f"wall time {payload['wall_s'] / 60:.1f} min.", ""]
     for dataset, d in payload["datasets"].items():
-        out += [f"## {dataset}", "", "| method | " + " | ".join(name for name, _, _ in METRICS) + " |",
+        out += [f"## {dataset}", "", *setup_lines(d), "| method | " + " | ".join(name for name, _, _ in METRICS) + " |",
                 "|---|" + "---|" * len(METRICS)]
         base = next(iter(d["runs"].values()))
         out.append("| *initial policy* | " + " | ".join(
@@ -145,4 +158,4 @@ def write_outputs(payload: dict, out: str, **fmt) -> dict:
 
 def main(argv=None):
     return cli(argv, doc=__doc__, launcher="launch/table4.py", default_out="table4.md", run_fn=run_table,
-               write_fn=write_outputs, render=format_markdown)
+               write_fn=write_outputs, render=format_markdown, paper=True)

@@ -4,7 +4,9 @@ markdown / JSON / PNG files, and the command line.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
+import hashlib
 import json
 import logging
 import os
@@ -13,7 +15,65 @@ import sys
 
 import numpy as np
 
+from ava_jax import errors
+from ava_jax.errors import ConfigError
+
 log = logging.getLogger(__name__)
+
+PAPER = "paper"  # the dataset name of the accelerator-scale rows (Tables 2, 4, 5)
+
+
+@dataclasses.dataclass(frozen=True)
+class Paper:
+    """The `paper` dataset of Tables 2, 4 and 5: the paper's setting on an accelerator.
+
+    Every run starts from the checkpoint at `model_path` (a local GPT-2 117M HF directory or the
+    SmolLM2-135M GGUF: the initial policy, the backbone of Table 2's reward models and the policy
+    Best-of-N samples) on HH-RLHF (`data_path`, a JSONL in the HH format; empty: the bundled
+    harmless-base test file), in each pipeline's `paper` variant (bf16, 512 tokens). HH has no gold
+    reward, so `judge`, a reward-model run directory trained on more data (Gao et al. 2022; e.g.
+    `python -m ava_jax.main --config=configs/bt.py:paper --config.model.path=... --config.workdir=runs/judge`
+    on the full training set), scores every sample in place of one. With `tiny`, each run shrinks to
+    a few steps on a few pairs, short samples and float32: a smoke run that CPUs finish in minutes.
+    """
+    model_path: str
+    judge: str
+    data_path: str = ""
+
+    def __post_init__(self):
+        missing = [flag for flag, v in (("--model-path", self.model_path), ("--judge", self.judge)) if not v]
+        if missing:
+            raise ConfigError(f"the {PAPER!r} dataset needs {' and '.join(missing)} (a local GPT-2 or SmolLM2-135M "
+                              "checkpoint; a reward-model run directory that judges the samples in place of a "
+                              "gold reward, which HH-RLHF lacks)")
+
+    def tag(self) -> str:
+        """A short hash of the settings, so stored seeds of another checkpoint, judge or data are not reused."""
+        return hashlib.sha1(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:8]
+
+    def apply(self, c, *, tiny: bool):
+        """Points a pipeline's `paper`-variant config `c` (reward_model, direct or best_of_n) at this
+        checkpoint, data and judge, and with `tiny` shrinks it to a smoke run. Returns `c`."""
+        c.model.path = self.model_path
+        if self.data_path:
+            c.data.path = self.data_path
+        if c.pipeline == "direct":
+            c.eval.judge = self.judge
+        elif c.pipeline == "best_of_n":
+            c.best_of_n.judge = self.judge
+        if tiny:
+            c.model.dtype = "float32"
+            c.data.update(max_len=64, max_train_pairs=16, max_validation_pairs=8, max_test_pairs=8)
+            c.sampling.max_new_tokens = 8
+            if "train" in c:
+                c.train.update(steps=2, batch_size=4, warmup_steps=1, log_every=1, eval_every=0, checkpoint_every=0)
+            if c.pipeline == "direct":
+                c.eval.update(num_prompts=4, samples_per_prompt=2, batch_size=8)
+            elif c.pipeline == "best_of_n":
+                c.best_of_n.update(num_prompts=3, samples_per_prompt=4, batch_size=12)
+            elif c.pipeline == "reward_model":
+                c.eval.batch_size = 8
+        return c
 
 
 def mean_sd(xs) -> str:
@@ -72,24 +132,47 @@ def write_table(payload: dict, out: str, render, plot=None) -> dict:
     return {"md": out, "json": f"{base}.json", **figures}
 
 
+def variant_of(dataset: str, variants: dict, tiny_variants: dict, tiny: bool, paper: Paper | None) -> str:
+    """The pipeline variant of a table's dataset; an unknown dataset, or `paper` without its setup, is
+    a ConfigError naming the known ones."""
+    table = tiny_variants if tiny else variants
+    if dataset not in table:
+        raise ConfigError(f"--datasets: unknown dataset {dataset!r}; known: {sorted(table)}")
+    if dataset == PAPER and paper is None:
+        raise ConfigError(f"the {PAPER!r} dataset needs --model-path and --judge")
+    return table[dataset]
+
+
+def setup_lines(d: dict) -> list[str]:
+    """The lines under a `paper` dataset's heading that say what it ran on and what judged it."""
+    setup = d.get("setup")
+    if not setup:
+        return []
+    return [f"Initial checkpoint `{setup['model_path']}`, data `{setup['data_path'] or 'bundled HH-RLHF harmless-base test'}`; "
+            f"\"gold reward\" here is the score of the judge reward model at `{setup['judge']}`, not a true reward.", ""]
+
+
 CACHE = {"dir": None}
 
 
 def cached(table: str, seed_fn):
-    """seed_fn(dataset, seed, tiny=) -> JSON-able records, stored per (table, dataset, seed) under the
-    directory of `--cache DIR` when one is given: a killed table run, or one given more seeds, reruns
-    only the seeds it has not stored. Each file records the date and commit it was made at."""
-    def wrapped(dataset: str, seed: int, *, tiny: bool):
+    """seed_fn(dataset, seed, tiny=[, paper=]) -> JSON-able records, stored per (table, dataset, seed)
+    under the directory of `--cache DIR` when one is given: a killed table run, or one given more
+    seeds, reruns only the seeds it has not stored. Each file records the date and commit it was made
+    at; `paper` (a `Paper`, passed on only when given) adds its tag to the file name."""
+    def wrapped(dataset: str, seed: int, *, tiny: bool, paper: Paper | None = None):
+        kwargs = {"tiny": tiny, **({"paper": paper} if paper is not None else {})}
         if not CACHE["dir"]:
-            return seed_fn(dataset, seed, tiny=tiny)
-        path = os.path.join(CACHE["dir"], f"{table}_{dataset}_seed{seed}{'_tiny' if tiny else ''}.json")
+            return seed_fn(dataset, seed, **kwargs)
+        name = f"{dataset}-{paper.tag()}" if paper is not None else dataset
+        path = os.path.join(CACHE["dir"], f"{table}_{name}_seed{seed}{'_tiny' if tiny else ''}.json")
         if os.path.exists(path):
             with open(path) as f:
                 stored = json.load(f)
             log.info("%s: %s / seed %d from %s (made %s at %s)", table, dataset, seed, path, stored["date"],
                      stored["commit"])
             return stored["records"]
-        records = seed_fn(dataset, seed, tiny=tiny)
+        records = seed_fn(dataset, seed, **kwargs)
         os.makedirs(CACHE["dir"], exist_ok=True)
         with open(path + ".tmp", "w") as f:
             json.dump({"date": datetime.datetime.now().isoformat(timespec="seconds"), "commit": _commit(),
@@ -108,9 +191,11 @@ def _commit() -> str:
         return "unknown"
 
 
-def cli(argv, *, doc: str, launcher: str, default_out: str, run_fn, write_fn, render):
+def cli(argv, *, doc: str, launcher: str, default_out: str, run_fn, write_fn, render, paper: bool = False):
     """The command line shared by the table drivers (Tables 2, 3, 4 and 5): run_fn(datasets, seeds,
-    tiny=, command=) -> payload, write_fn(payload, out) -> paths, render(payload) -> markdown."""
+    tiny=, command=[, paper=]) -> payload, write_fn(payload, out) -> paths, render(payload) -> markdown.
+    `paper`: the table has the `paper` dataset (--model-path, --judge, --data-path). A user error (a
+    missing flag or file, an unknown dataset) is one line, `error: ...`, and exit status 2."""
     import argparse
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--datasets", default="synthetic,stories")
@@ -119,14 +204,31 @@ def cli(argv, *, doc: str, launcher: str, default_out: str, run_fn, write_fn, re
     p.add_argument("--out", default=default_out)
     p.add_argument("--cache", default="", metavar="DIR",
                    help="store each (dataset, seed) as it finishes and reuse stored ones (resume a killed run)")
+    if paper:
+        p.add_argument("--model-path", default="", help=f"the {PAPER!r} dataset: the initial checkpoint (GPT-2 "
+                       "117M HF dir or SmolLM2-135M GGUF)")
+        p.add_argument("--judge", default="", help=f"the {PAPER!r} dataset: a reward-model run directory that "
+                       "judges the samples (trained on more data)")
+        p.add_argument("--data-path", default="", help=f"the {PAPER!r} dataset: an HH-RLHF JSONL (default: "
+                       "the bundled harmless-base test file)")
     args = p.parse_args(argv)
     CACHE["dir"] = args.cache or None
     logging.basicConfig(level=logging.INFO)
     for name in ("absl", "jax", "orbax"):
         logging.getLogger(name).setLevel(logging.WARNING)
     argv = sys.argv[1:] if argv is None else argv
-    payload = run_fn(tuple(args.datasets.split(",")), tuple(int(s) for s in args.seeds.split(",")), tiny=args.tiny,
-                     command=f"python {launcher} " + " ".join(map(shlex.quote, argv)))
+    datasets = tuple(args.datasets.split(","))
+    kwargs = {}
+    try:
+        if paper and PAPER in datasets:
+            kwargs["paper"] = Paper(args.model_path, args.judge, args.data_path)
+        payload = run_fn(datasets, tuple(int(s) for s in args.seeds.split(",")), tiny=args.tiny,
+                         command=f"python {launcher} " + " ".join(map(shlex.quote, argv)), **kwargs)
+    except Exception as e:  # noqa: BLE001 - re-raised unless it is the user's to fix
+        if not errors.is_user_error(e):
+            raise
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+        sys.exit(2)
     paths = write_fn(payload, args.out)
     print(render(payload))
     print(f"written: {paths}")
