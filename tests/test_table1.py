@@ -45,3 +45,29 @@ def test_tiny_table_runs_end_to_end(tmp_path):
     assert "| *Bayes ceiling* |" in text and "| *heuristic: shorter wins* |" in text
     assert text.count("| AVA-p |") == 2 and "both-EOS pairs acc" in text
     assert np.isfinite(float(text.split("| BT | ")[1].split(" ± ")[0]))
+
+
+def test_cell_cache_reruns_only_missing_or_changed_cells(tmp_path, monkeypatch):
+    """`--cache DIR`: a kept cell comes back equal (NaN fields included) without a run; another seed,
+    or another override for the dataset, runs afresh; no cache runs every time."""
+    import math
+    calls = []
+
+    def fake_run_cell(row, dataset, seed, overrides, *, tiny, low_data):
+        calls.append((row.name, dataset, seed, tuple(sorted(overrides.get(dataset, {}).items()))))
+        return table1.Cell(test=0.5 + seed / 100, validation=0.4, extra={"test_prefix_accuracy": 0.7, "pairs": 12,
+                                                                         "names": ["not", "kept"]},
+                           test_metrics={"ece": np.float32(0.25)})
+    monkeypatch.setattr(table1, "run_cell", fake_run_cell)
+    bt = table1.ROWS[0]
+    first = table1.cached_cell(bt, "synthetic", 1, {}, tiny=True, low_data=0, cache_dir=str(tmp_path))
+    again = table1.cached_cell(bt, "synthetic", 1, {}, tiny=True, low_data=0, cache_dir=str(tmp_path))
+    assert len(calls) == 1 and again.test == first.test == 0.51 and math.isnan(again.both_eos)
+    assert again.extra == {"test_prefix_accuracy": 0.7, "pairs": 12.0} and again.test_metrics == {"ece": 0.25}
+    table1.cached_cell(bt, "synthetic", 2, {}, tiny=True, low_data=0, cache_dir=str(tmp_path))
+    table1.cached_cell(bt, "synthetic", 1, {"synthetic": {"train.steps": 5}}, tiny=True, low_data=0,
+                       cache_dir=str(tmp_path))
+    assert [c[2:] for c in calls[1:]] == [(2, ()), (1, (("train.steps", 5),))]
+    assert len(list(tmp_path.glob("table1_synthetic_BT_seed*.json"))) == 3
+    table1.cached_cell(bt, "synthetic", 1, {}, tiny=True, low_data=0)
+    assert len(calls) == 4

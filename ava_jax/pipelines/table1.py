@@ -2,6 +2,7 @@
 and AVA-d over seeds, on the two ground-truth tasks (synthetic token MDP, stories) and on HH-RLHF.
 
   python launch/table1.py --out docs/table1.md                          # everything (CPU: hours)
+  python launch/table1.py --cache docs/table1_cells --out docs/table1.md   # the same, resumable across sessions
   python launch/table1.py --datasets synthetic --seeds 0,1,2 --out /tmp/t1.md
   python launch/table1.py --datasets stories --rows BT,PT,AVA-p --seeds 0 --tiny --out /tmp/t1.md   # smoke test
 
@@ -19,6 +20,7 @@ import dataclasses
 import datetime
 import json
 import logging
+import os
 import platform
 import shlex
 import time
@@ -28,7 +30,7 @@ import numpy as np
 
 from ava_jax import config as cfglib
 from ava_jax.data.load import load_pair_splits
-from ava_jax.pipelines import reward_model
+from ava_jax.pipelines import reward_model, tables
 
 log = logging.getLogger(__name__)
 
@@ -171,9 +173,42 @@ def reference_rows(dataset: str, overrides: dict, *, tiny: bool) -> dict[str, fl
     return refs
 
 
+def _scalars(d: dict) -> dict:
+    """The JSON-able scalar entries of a metrics dict (what the table reads)."""
+    return {k: (v if isinstance(v, str) else float(v)) for k, v in d.items()
+            if isinstance(v, (str, int, float, np.floating, np.integer)) and not isinstance(v, bool)}
+
+
+def cell_path(cache_dir: str, row: Row, dataset: str, seed: int, overrides: dict, *, tiny: bool, low_data: int) -> str:
+    """Where `--cache` keeps one (dataset, row, seed): the name carries a hash of everything that
+    decides the cell (the row's and the dataset's overrides, tiny, the low-data size), so a changed
+    setting runs afresh instead of reusing a stale cell."""
+    tag = tables.settings_tag({"objective": row.objective, "row": list(map(list, row.overrides)),
+                               "dataset": sorted(overrides.get(dataset, {}).items()), "tiny": tiny,
+                               "low_data": low_data})
+    slug = "".join(ch if ch.isalnum() else "_" for ch in row.name).strip("_")
+    return os.path.join(cache_dir, f"table1_{dataset}_{slug}_seed{seed}_{tag}.json")
+
+
+def cached_cell(row: Row, dataset: str, seed: int, overrides: dict, *, tiny: bool, low_data: int,
+                cache_dir: str = "") -> Cell:
+    """run_cell, kept under `cache_dir` when given (a killed or extended table reruns only what is missing)."""
+    if not cache_dir:
+        return run_cell(row, dataset, seed, overrides, tiny=tiny, low_data=low_data)
+
+    def compute():
+        c = run_cell(row, dataset, seed, overrides, tiny=tiny, low_data=low_data)
+        return {**dataclasses.asdict(c), "extra": _scalars(c.extra), "test_metrics": _scalars(c.test_metrics)}
+    path = cell_path(cache_dir, row, dataset, seed, overrides, tiny=tiny, low_data=low_data)
+    return Cell(**tables.stored(path, compute, f"table1: {dataset} / {row.name} / seed {seed}"))
+
+
 def run_table(datasets=("synthetic", "stories", "hh"), seeds=(0, 1, 2), rows=ROWS, overrides: dict | None = None,
-              *, tiny: bool = False, low_data: int = 256):
-    """Runs every (dataset, row, seed); returns ({dataset: {row: [Cell]}}, {dataset: reference rows})."""
+              *, tiny: bool = False, low_data: int = 256, cache_dir: str = ""):
+    """Runs every (dataset, row, seed); returns ({dataset: {row: [Cell]}}, {dataset: reference rows}).
+
+    cache_dir: keep each cell there as it finishes and reuse kept ones (`--cache`; see `cell_path`).
+    """
     overrides = overrides or {}
     cells, refs = {}, {}
     for ds in datasets:
@@ -183,7 +218,8 @@ def run_table(datasets=("synthetic", "stories", "hh"), seeds=(0, 1, 2), rows=ROW
             cells[ds][row.name] = []
             for seed in seeds:
                 log.info("table1: %s / %s / seed %d", ds, row.name, seed)
-                cells[ds][row.name].append(run_cell(row, ds, seed, overrides, tiny=tiny, low_data=low_data))
+                cells[ds][row.name].append(cached_cell(row, ds, seed, overrides, tiny=tiny, low_data=low_data,
+                                                       cache_dir=cache_dir))
     return cells, refs
 
 
@@ -301,6 +337,8 @@ def main(argv=None):
     p.add_argument("--set", action="append", default=[], metavar="DATASET:KEY=VALUE",
                    help="override a config key for one dataset, e.g. hh:train.steps=150 (repeatable)")
     p.add_argument("--out", default="")
+    p.add_argument("--cache", default="", metavar="DIR",
+                   help="keep each (dataset, row, seed) cell as it finishes and reuse kept ones (resume a killed run)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     seeds = tuple(int(s) for s in args.seeds.split(","))
@@ -320,7 +358,8 @@ def main(argv=None):
             p.error(f"--set {item!r}: expected DATASET:KEY=VALUE with DATASET in {datasets}")
         overrides[ds][key] = _parse_value(value)
     t0 = time.perf_counter()
-    cells, refs = run_table(datasets, seeds, rows, overrides, tiny=args.tiny, low_data=args.low_data)
+    cells, refs = run_table(datasets, seeds, rows, overrides, tiny=args.tiny, low_data=args.low_data,
+                            cache_dir=args.cache)
     text = format_table(cells, refs, seeds, "python launch/table1.py " + shlex.join(sys.argv[1:] if argv is None else argv),
                         time.perf_counter() - t0, args.low_data)
     print(text)

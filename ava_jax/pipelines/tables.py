@@ -49,7 +49,7 @@ class Paper:
 
     def tag(self) -> str:
         """A short hash of the settings, so stored seeds of another checkpoint, judge or data are not reused."""
-        return hashlib.sha1(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:8]
+        return settings_tag(dataclasses.asdict(self))
 
     def apply(self, c, *, tiny: bool):
         """Points a pipeline's `paper`-variant config `c` (reward_model, direct or best_of_n) at this
@@ -155,6 +155,28 @@ def setup_lines(d: dict) -> list[str]:
 CACHE = {"dir": None}
 
 
+def stored(path: str, compute, what: str = ""):
+    """compute() -> JSON-able records, kept at `path` (with the date and commit they were made at)
+    and read back instead of recomputed when the file exists; `what` names them in the log."""
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            kept = json.load(f)
+        log.info("%s from %s (made %s at %s)", what or "records", path, kept["date"], kept["commit"])
+        return kept["records"]
+    records = compute()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump({"date": datetime.datetime.now().isoformat(timespec="seconds"), "commit": _commit(),
+                   "records": records}, f, default=float)
+    os.replace(path + ".tmp", path)
+    return json.loads(json.dumps(records, default=float))  # the same types as stored records
+
+
+def settings_tag(settings) -> str:
+    """A short hash of JSON-able settings, for file names that must change when the settings do."""
+    return hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
 def cached(table: str, seed_fn):
     """seed_fn(dataset, seed, tiny=[, paper=]) -> JSON-able records, stored per (table, dataset, seed)
     under the directory of `--cache DIR` when one is given: a killed table run, or one given more
@@ -166,19 +188,7 @@ def cached(table: str, seed_fn):
             return seed_fn(dataset, seed, **kwargs)
         name = f"{dataset}-{paper.tag()}" if paper is not None else dataset
         path = os.path.join(CACHE["dir"], f"{table}_{name}_seed{seed}{'_tiny' if tiny else ''}.json")
-        if os.path.exists(path):
-            with open(path) as f:
-                stored = json.load(f)
-            log.info("%s: %s / seed %d from %s (made %s at %s)", table, dataset, seed, path, stored["date"],
-                     stored["commit"])
-            return stored["records"]
-        records = seed_fn(dataset, seed, **kwargs)
-        os.makedirs(CACHE["dir"], exist_ok=True)
-        with open(path + ".tmp", "w") as f:
-            json.dump({"date": datetime.datetime.now().isoformat(timespec="seconds"), "commit": _commit(),
-                       "records": records}, f, default=float)
-        os.replace(path + ".tmp", path)
-        return json.loads(json.dumps(records, default=float))  # the same types as a stored seed
+        return stored(path, lambda: seed_fn(dataset, seed, **kwargs), f"{table}: {dataset} / seed {seed}")
     return wrapped
 
 
