@@ -40,14 +40,13 @@ CLAIM = "Best-of-N with AVA-p's reward model yields better responses than with B
 TITLE = "Table 2: Best-of-N with AVA-p, BT and PT reward models"
 RM_VARIANTS = {"synthetic": "synthetic", "stories": "", tables.PAPER: "paper"}  # dataset -> reward_model variant
 RM_TINY = {"synthetic": "synthetic_tiny", "stories": "tiny", tables.PAPER: "paper"}  # paper: Paper.apply shrinks
+BON_VARIANTS = {"synthetic": "synthetic", "stories": "", tables.PAPER: "paper"}  # dataset -> best_of_n variant
+BON_TINY = {"synthetic": "synthetic", "stories": "tiny", tables.PAPER: "paper"}  # synthetic: shrunk in bon_config
 SHOW_N = (1, 2, 4, 8, 16, 32, 64)
 
 
 def bon_config(dataset: str, seed: int, dirs: list[str], *, tiny: bool, paper: tables.Paper | None = None):
-    if dataset == tables.PAPER:
-        c = paper.apply(best_of_n.default_config("paper"), tiny=tiny)
-    else:
-        c = best_of_n.default_config("synthetic" if dataset == "synthetic" else ("tiny" if tiny else ""))
+    c = tables.dataset_config(best_of_n.default_config, dataset, BON_VARIANTS, BON_TINY, tiny=tiny, paper=paper)
     if dataset == "synthetic":
         c.model.path = "scratch"  # the synthetic direct runs' initial policy: a fresh scratch model
         if tiny:
@@ -60,9 +59,8 @@ def bon_config(dataset: str, seed: int, dirs: list[str], *, tiny: bool, paper: t
 
 def rm_config(objective: str, dataset: str, seed: int, *, tiny: bool, paper: tables.Paper | None = None):
     """One reward model of the table (the `paper` dataset needs `paper`)."""
-    c = reward_model.default_config(objective, tables.variant_of(dataset, RM_VARIANTS, RM_TINY, tiny, paper))
-    if dataset == tables.PAPER:
-        paper.apply(c, tiny=tiny)
+    c = tables.dataset_config(lambda v: reward_model.default_config(objective, v), dataset, RM_VARIANTS, RM_TINY,
+                              tiny=tiny, paper=paper)
     c.seed, c.train.progress = seed, False
     return c
 

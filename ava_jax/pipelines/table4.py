@@ -27,7 +27,8 @@ import numpy as np
 
 from ava_jax.eval.policy import win_rate
 from ava_jax.pipelines import direct
-from ava_jax.pipelines.tables import PAPER, Paper, cached, cli, mean_sd, setup_lines, verdict, variant_of, write_table
+from ava_jax.pipelines.tables import (PAPER, Paper, cached, cli, dataset_config, mean_sd, setup_lines, verdict,
+                                     write_table)
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +46,8 @@ METRICS = (("gold reward", "gold_reward", 3), ("KL to initial", "kl_to_initial",
 def run_config(method: str, dataset: str, seed: int, *, tiny: bool = False, trajectory_points: int = 2,
                objective: str | None = None, paper: Paper | None = None):
     """The direct run of one (method, dataset, seed); the `paper` dataset needs `paper`."""
-    c = direct.default_config(objective or METHODS[method], variant_of(dataset, DATASETS, TINY, tiny, paper))
-    if dataset == PAPER:
-        paper.apply(c, tiny=tiny)
+    c = dataset_config(lambda v: direct.default_config(objective or METHODS[method], v), dataset, DATASETS, TINY,
+                       tiny=tiny, paper=paper)
     c.seed, c.workdir, c.train.progress = seed, "", False
     c.eval.trajectory = True
     c.train.eval_every = max(1, c.train.steps // trajectory_points)

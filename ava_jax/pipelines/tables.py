@@ -143,6 +143,14 @@ def variant_of(dataset: str, variants: dict, tiny_variants: dict, tiny: bool, pa
     return table[dataset]
 
 
+def dataset_config(default_config, dataset: str, variants: dict, tiny_variants: dict, *, tiny: bool,
+                   paper: Paper | None):
+    """default_config(variant) for a table's dataset (`variant_of`), pointed at `paper`'s checkpoint,
+    data and judge when the dataset is `paper` (`Paper.apply`)."""
+    c = default_config(variant_of(dataset, variants, tiny_variants, tiny, paper))
+    return paper.apply(c, tiny=tiny) if dataset == PAPER else c
+
+
 def setup_lines(d: dict) -> list[str]:
     """The lines under a `paper` dataset's heading that say what it ran on and what judged it."""
     setup = d.get("setup")
