@@ -53,21 +53,26 @@ def test_cell_cache_reruns_only_missing_or_changed_cells(tmp_path, monkeypatch):
     import math
     calls = []
 
-    def fake_run_cell(row, dataset, seed, overrides, *, tiny, low_data):
-        calls.append((row.name, dataset, seed, tuple(sorted(overrides.get(dataset, {}).items()))))
+    def fake_run_cell(row, dataset, seed, overrides, *, tiny, train_pairs=0):
+        calls.append((row.name, dataset, seed, tuple(sorted(overrides.get(dataset, {}).items())), train_pairs))
         return table1.Cell(test=0.5 + seed / 100, validation=0.4, extra={"test_prefix_accuracy": 0.7, "pairs": 12,
                                                                          "names": ["not", "kept"]},
                            test_metrics={"ece": np.float32(0.25)})
     monkeypatch.setattr(table1, "run_cell", fake_run_cell)
     bt = table1.ROWS[0]
-    first = table1.cached_cell(bt, "synthetic", 1, {}, tiny=True, low_data=0, cache_dir=str(tmp_path))
-    again = table1.cached_cell(bt, "synthetic", 1, {}, tiny=True, low_data=0, cache_dir=str(tmp_path))
+    first = table1.cached_cell(bt, "synthetic", 1, {}, tiny=True, cache_dir=str(tmp_path))
+    again = table1.cached_cell(bt, "synthetic", 1, {}, tiny=True, cache_dir=str(tmp_path))
     assert len(calls) == 1 and again.test == first.test == 0.51 and math.isnan(again.both_eos)
     assert again.extra == {"test_prefix_accuracy": 0.7, "pairs": 12.0} and again.test_metrics == {"ece": 0.25}
-    table1.cached_cell(bt, "synthetic", 2, {}, tiny=True, low_data=0, cache_dir=str(tmp_path))
-    table1.cached_cell(bt, "synthetic", 1, {"synthetic": {"train.steps": 5}}, tiny=True, low_data=0,
+    table1.cached_cell(bt, "synthetic", 2, {}, tiny=True, cache_dir=str(tmp_path))
+    table1.cached_cell(bt, "synthetic", 1, {"synthetic": {"train.steps": 5}}, tiny=True,
                        cache_dir=str(tmp_path))
-    assert [c[2:] for c in calls[1:]] == [(2, ()), (1, (("train.steps", 5),))]
+    assert [c[2:] for c in calls[1:]] == [(2, (), 0), (1, (("train.steps", 5),), 0)]
     assert len(list(tmp_path.glob("table1_synthetic_BT_seed*.json"))) == 3
-    table1.cached_cell(bt, "synthetic", 1, {}, tiny=True, low_data=0)
+    table1.cached_cell(bt, "synthetic", 1, {}, tiny=True)
     assert len(calls) == 4
+    # The low-data run is a cell of its own: the full-data cell is not rerun for it, and it is kept too.
+    low = table1.cached_cell(bt, "synthetic", 1, {}, tiny=True, train_pairs=64, cache_dir=str(tmp_path))
+    table1.cached_cell(bt, "synthetic", 1, {}, tiny=True, train_pairs=64, cache_dir=str(tmp_path))
+    assert calls[4:] == [("BT", "synthetic", 1, (), 64)] and low.test == 0.51
+    assert len(list(tmp_path.glob("table1_synthetic_BT_seed1_pairs64_*.json"))) == 1

@@ -137,15 +137,13 @@ def _both_eos_accuracy(result, eos_id: int) -> float:
     return float(np.mean((diff > 0) + 0.5 * (diff == 0)))
 
 
-def run_cell(row: Row, dataset: str, seed: int, overrides: dict, *, tiny: bool, low_data: int) -> Cell:
-    result = reward_model.run(row_config(row, dataset, seed, overrides, tiny=tiny))
+def run_cell(row: Row, dataset: str, seed: int, overrides: dict, *, tiny: bool, train_pairs: int = 0) -> Cell:
+    """One training run; train_pairs > 0 cuts the training split to that many pairs (the low-data column)."""
+    result = reward_model.run(row_config(row, dataset, seed, overrides, tiny=tiny, train_pairs=train_pairs))
     cell = Cell(result.metrics["test"]["accuracy"], result.metrics["validation"]["accuracy"], dict(result.extra),
                 dict(result.metrics["test"]))
     if dataset == "hh":
         cell.both_eos = _both_eos_accuracy(result, result.eos_id)
-    if low_data:
-        small = reward_model.run(row_config(row, dataset, seed, overrides, tiny=tiny, train_pairs=low_data))
-        cell.low_data_test = small.metrics["test"]["accuracy"]
     return cell
 
 
@@ -179,28 +177,32 @@ def _scalars(d: dict) -> dict:
             if isinstance(v, (str, int, float, np.floating, np.integer)) and not isinstance(v, bool)}
 
 
-def cell_path(cache_dir: str, row: Row, dataset: str, seed: int, overrides: dict, *, tiny: bool, low_data: int) -> str:
-    """Where `--cache` keeps one (dataset, row, seed): the name carries a hash of everything that
-    decides the cell (the row's and the dataset's overrides, tiny, the low-data size), so a changed
-    setting runs afresh instead of reusing a stale cell."""
+def cell_path(cache_dir: str, row: Row, dataset: str, seed: int, overrides: dict, *, tiny: bool,
+              train_pairs: int = 0) -> str:
+    """Where `--cache` keeps one (dataset, row, seed) run: the name carries a hash of everything that
+    decides it (the row's and the dataset's overrides, tiny, the training-pair cut), so a changed
+    setting runs afresh instead of reusing a stale cell. The low-data run is a cell of its own, so the
+    full-data cells are reused whatever `--low-data` is."""
     tag = tables.settings_tag({"objective": row.objective, "row": list(map(list, row.overrides)),
                                "dataset": sorted(overrides.get(dataset, {}).items()), "tiny": tiny,
-                               "low_data": low_data})
+                               "train_pairs": train_pairs})
     slug = "".join(ch if ch.isalnum() else "_" for ch in row.name).strip("_")
-    return os.path.join(cache_dir, f"table1_{dataset}_{slug}_seed{seed}_{tag}.json")
+    size = f"_pairs{train_pairs}" if train_pairs else ""
+    return os.path.join(cache_dir, f"table1_{dataset}_{slug}_seed{seed}{size}_{tag}.json")
 
 
-def cached_cell(row: Row, dataset: str, seed: int, overrides: dict, *, tiny: bool, low_data: int,
+def cached_cell(row: Row, dataset: str, seed: int, overrides: dict, *, tiny: bool, train_pairs: int = 0,
                 cache_dir: str = "") -> Cell:
     """run_cell, kept under `cache_dir` when given (a killed or extended table reruns only what is missing)."""
     if not cache_dir:
-        return run_cell(row, dataset, seed, overrides, tiny=tiny, low_data=low_data)
+        return run_cell(row, dataset, seed, overrides, tiny=tiny, train_pairs=train_pairs)
 
     def compute():
-        c = run_cell(row, dataset, seed, overrides, tiny=tiny, low_data=low_data)
+        c = run_cell(row, dataset, seed, overrides, tiny=tiny, train_pairs=train_pairs)
         return {**dataclasses.asdict(c), "extra": _scalars(c.extra), "test_metrics": _scalars(c.test_metrics)}
-    path = cell_path(cache_dir, row, dataset, seed, overrides, tiny=tiny, low_data=low_data)
-    return Cell(**tables.stored(path, compute, f"table1: {dataset} / {row.name} / seed {seed}"))
+    path = cell_path(cache_dir, row, dataset, seed, overrides, tiny=tiny, train_pairs=train_pairs)
+    size = f" / {train_pairs} pairs" if train_pairs else ""
+    return Cell(**tables.stored(path, compute, f"table1: {dataset} / {row.name} / seed {seed}{size}"))
 
 
 def run_table(datasets=("synthetic", "stories", "hh"), seeds=(0, 1, 2), rows=ROWS, overrides: dict | None = None,
@@ -218,8 +220,11 @@ def run_table(datasets=("synthetic", "stories", "hh"), seeds=(0, 1, 2), rows=ROW
             cells[ds][row.name] = []
             for seed in seeds:
                 log.info("table1: %s / %s / seed %d", ds, row.name, seed)
-                cells[ds][row.name].append(cached_cell(row, ds, seed, overrides, tiny=tiny, low_data=low_data,
-                                                       cache_dir=cache_dir))
+                cell = cached_cell(row, ds, seed, overrides, tiny=tiny, cache_dir=cache_dir)
+                if low_data:
+                    cell.low_data_test = cached_cell(row, ds, seed, overrides, tiny=tiny, train_pairs=low_data,
+                                                     cache_dir=cache_dir).test
+                cells[ds][row.name].append(cell)
     return cells, refs
 
 
