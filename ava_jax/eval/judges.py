@@ -95,7 +95,9 @@ def score_sequences(rm, prompts, responses, *, pad_id: int, batch_size: int) -> 
 class RewardModelJudge:
     """A finished reward-model run as the gold judge (`eval.judge=RUN_DIR` in the direct pipeline)."""
 
-    def __init__(self, trained, *, pad_id: int, batch_size: int = 64):
+    BATCH_SIZE = 64
+
+    def __init__(self, trained, *, pad_id: int, batch_size: int = BATCH_SIZE):
         self.trained, self.pad_id, self.batch_size = trained, pad_id, batch_size
         self.name = f"reward model {trained.run_dir}"
 
