@@ -36,6 +36,15 @@ def test_unknown_row_is_an_error(capsys):
     assert "unknown rows ['AVA-q']" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag, value", [("--seeds", "a"), ("--seeds", "0,,1")])
+def test_malformed_integer_list_is_a_one_line_error(capsys, flag, value):
+    with pytest.raises(SystemExit) as e:
+        table1.main([flag, value, "--datasets", "synthetic"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("error: ")
+    assert f"argument {flag}: {value!r} is not a comma-separated list of integers" in err
+
+
 @pytest.mark.slow
 def test_tiny_table_runs_end_to_end(tmp_path):
     out = tmp_path / "t1.md"

@@ -30,6 +30,7 @@ from ava_jax import objectives as registry
 from ava_jax.data.load import load_pair_splits
 from ava_jax.eval.references import bigram_logistic_regression
 from ava_jax.pipelines import reward_model
+from ava_jax.pipelines.tables import int_list, parser
 
 log = logging.getLogger(__name__)
 
@@ -281,11 +282,10 @@ def write_outputs(payload: dict, out_dir: str) -> dict[str, str]:
 
 
 def main(argv=None):
-    import argparse
     import sys
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)))
-    p.add_argument("--seeds", default="0,1,2")
+    p = parser(__doc__)
+    p.add_argument("--sizes", type=int_list, default=",".join(map(str, DEFAULT_SIZES)))
+    p.add_argument("--seeds", type=int_list, default="0,1,2")
     p.add_argument("--objectives", default=",".join(DEFAULT_OBJECTIVES))
     p.add_argument("--steps", type=int, default=0, help="override train.steps (default: the variant's)")
     p.add_argument("--epochs", type=float, default=0.0,
@@ -297,7 +297,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     payload = run_learning_curve(
-        tuple(int(s) for s in args.sizes.split(",")), tuple(int(s) for s in args.seeds.split(",")),
+        args.sizes, args.seeds,
         tuple(args.objectives.split(",")), variant=args.variant, steps=args.steps or None, epochs=args.epochs,
         overrides=tuple(parse_override(s) for s in args.set), out_dir=args.out_dir,
         command="python launch/learning_curve.py " + " ".join(sys.argv[1:] if argv is None else argv))

@@ -331,11 +331,10 @@ def _parse_value(text: str):
 
 
 def main(argv=None):
-    import argparse
     import sys
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = tables.parser(__doc__)
     p.add_argument("--datasets", default="synthetic,stories,hh")
-    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--seeds", type=tables.int_list, default="0,1,2")
     p.add_argument("--rows", default="", help="comma-separated row names (default: all)")
     p.add_argument("--low-data", type=int, default=256, help="training pairs of the low-data column (0: skip)")
     p.add_argument("--tiny", action="store_true", help="the datasets' tiny variants (a smoke test, not a result)")
@@ -346,7 +345,7 @@ def main(argv=None):
                    help="keep each (dataset, row, seed) cell as it finishes and reuse kept ones (resume a killed run)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
-    seeds = tuple(int(s) for s in args.seeds.split(","))
+    seeds = args.seeds
     names = [r for r in args.rows.split(",") if r]
     unknown = sorted(set(names) - {r.name for r in ROWS})
     if unknown:

@@ -209,15 +209,37 @@ def _commit() -> str:
         return "unknown"
 
 
+def parser(doc: str):
+    """The table and curve drivers' argparse parser: a bad flag or value is one line on stderr,
+    `error: PROG: ...`, and exit status 2 (argparse's usage block stays in --help)."""
+    import argparse
+
+    class OneLineErrors(argparse.ArgumentParser):
+        def error(self, message):
+            print(f"error: {self.prog}: {message}", file=sys.stderr, flush=True)
+            sys.exit(2)
+    return OneLineErrors(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def int_list(text: str) -> tuple[int, ...]:
+    """An argparse type for `--seeds 0,1,2` and the like: a malformed list is a one-line error
+    (`argument --seeds: ...`, exit 2), not a traceback."""
+    import argparse
+    try:
+        values = tuple(int(s) for s in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers (e.g. 0,1,2)") from None
+    return values
+
+
 def cli(argv, *, doc: str, launcher: str, default_out: str, run_fn, write_fn, render, paper: bool = False):
     """The command line shared by the table drivers (Tables 2, 3, 4 and 5): run_fn(datasets, seeds,
     tiny=, command=[, paper=]) -> payload, write_fn(payload, out) -> paths, render(payload) -> markdown.
     `paper`: the table has the `paper` dataset (--model-path, --judge, --data-path). A user error (a
     missing flag or file, an unknown dataset) is one line, `error: ...`, and exit status 2."""
-    import argparse
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(doc)
     p.add_argument("--datasets", default="synthetic,stories")
-    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--seeds", type=int_list, default="0,1,2")
     p.add_argument("--tiny", action="store_true", help="the tiny variants (a smoke run)")
     p.add_argument("--out", default=default_out)
     p.add_argument("--cache", default="", metavar="DIR",
@@ -240,7 +262,7 @@ def cli(argv, *, doc: str, launcher: str, default_out: str, run_fn, write_fn, re
     try:
         if paper and PAPER in datasets:
             kwargs["paper"] = Paper(args.model_path, args.judge, args.data_path)
-        payload = run_fn(datasets, tuple(int(s) for s in args.seeds.split(",")), tiny=args.tiny,
+        payload = run_fn(datasets, args.seeds, tiny=args.tiny,
                          command=f"python {launcher} " + " ".join(map(shlex.quote, argv)), **kwargs)
     except Exception as e:  # noqa: BLE001 - re-raised unless it is the user's to fix
         if not errors.is_user_error(e):
