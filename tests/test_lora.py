@@ -204,6 +204,10 @@ def test_lora_ppo_runs_from_the_base_reference_and_exports_a_merged_policy(tmp_p
     assert r.extra["lora"]["adapter_parameters"] > 0 and np.isfinite(r.final["gold_reward"])
     exported, _ = load_pretrained(os.path.join(c.workdir, "policy"))
     assert exported.cfg.vocab_size > 0 and not lora.adapter_names(exported.backbone)
+    # The SFT stage before PPO trained adapters too (same rank), merged into the policy PPO started from.
+    sft = json.load(open(os.path.join(c.workdir, "sft", "summary.json")))
+    assert sft["config"]["lora"]["rank"] == 4 and sft["extra"]["lora"]["adapter_parameters"] > 0
+    assert r.extra["policy_start"] == os.path.join(c.workdir, "sft", "policy")
 
 
 @pytest.mark.slow

@@ -9,7 +9,8 @@ Prerequisites are built when not given, inside the run directory, and reused whe
   - `reward.path` empty: the task's default `reward.objective` (AVA-p) reward model is trained first
     (`reward_model` pipeline) into `<workdir>/reward_model_<objective>`;
   - `sft.enabled`: the initial policy is `model.path` fine-tuned by SFT on the task's demonstrations
-    (`direct` pipeline) into `<workdir>/sft`, and PPO starts from (and is anchored by KL to) that.
+    (`direct` pipeline, with the same `lora` settings, adapters merged) into `<workdir>/sft`, and PPO
+    starts from (and is anchored by KL to) that.
 Then the rollouts (`rl.rollout`: the jitted KV-cache sampler on the current policy, the reference's
 and the reward model's passes) and the PPO updates (`rl.ppo`) run in the shared train loop, with
 checkpoints at whole iterations (exact resume, the rollout PRNG included). The initial and the final
@@ -191,6 +192,10 @@ def prepare_policy(c: ml_collections.ConfigDict, base_dir: str) -> tuple[str, di
         sc.seed, sc.workdir, sc.train.progress = c.seed, run_dir, c.train.progress
         sc.model.path, sc.train.steps = c.model.path, c.sft.steps
         sc.train.eval_every = sc.train.checkpoint_every = 0
+        # The SFT stage fine-tunes as PPO does (LoRA when lora.rank > 0, so a model too big for full
+        # fine-tuning fits both stages); its adapters are merged into the exported policy PPO starts from.
+        sc.lora.update(c.lora.to_dict())
+        sc.lora.export = "merged"
         log.info("ppo: SFT of %s on the task's demonstrations first into %s", c.model.path, run_dir)
         direct.run(sc)
     with open(os.path.join(run_dir, "summary.json"), encoding="utf-8") as f:
