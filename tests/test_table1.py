@@ -23,11 +23,32 @@ def test_format_table_has_every_row_reference_and_claim():
                                   for s in range(3)]
                            for name, a in (("BT", 0.7), ("PT", 0.72), ("AVA-p", 0.75), ("AVA-p w/o cer", 0.6))}}
     refs = {"synthetic": {"Bayes ceiling": 0.8, "bigram logistic regression": 0.79}}
-    text = table1.format_table(cells, refs, (0, 1, 2), "python launch/table1.py", 60.0, 256)
+    text = table1.format_table(cells, refs, (0, 1, 2), "python launch/table1.py", 60.0, 256,
+                               {"accuracy": "/x/t1_accuracy.png"})
     for needle in ("| *Bayes ceiling* | 80.00 |", "| AVA-p | 76.00 ± 1.00 |", "test acc, 256 pairs",
+                   "acc, lowest-sigma quarter", "MAE to true P", "[accuracy](t1_accuracy.png)",
                    "| AVA-p more accurate than BT | synthetic | confirmed |",
                    "| removing cer hurts | synthetic | confirmed |", "prefix pairs"):
         assert needle in text, needle
+
+
+def test_reliability_is_pooled_over_seeds_by_count_and_plotted(tmp_path):
+    """Pooled bins: counts summed, mean prediction and frequency weighted by count (an empty bin of
+    one seed adds nothing); write_plots draws the accuracy panel and the reliability panel."""
+    a = _cell(0.7, test_prefix_accuracy=0.6)
+    b = _cell(0.72, test_prefix_accuracy=0.6)
+    a.reliability = {"mean_pred": [0.1, float("nan")], "freq": [0.2, float("nan")], "count": [2, 0]}
+    b.reliability = {"mean_pred": [0.2, 0.9], "freq": [0.0, 1.0], "count": [6, 4]}
+    pooled = table1.pooled_reliability([a, b, _cell(0.7)])
+    np.testing.assert_allclose(pooled.count_B, [8, 4])
+    np.testing.assert_allclose(pooled.mean_pred_B, [(2 * 0.1 + 6 * 0.2) / 8, 0.9])
+    np.testing.assert_allclose(pooled.freq_B, [(2 * 0.2) / 8, 1.0])
+    assert table1.pooled_reliability([_cell(0.7)]) is None
+    cells = {"synthetic": {"BT": [_cell(0.7), _cell(0.71)], "AVA-p": [a, b]}}
+    paths = table1.write_plots(cells, {"synthetic": {"Bayes ceiling": 0.8}}, str(tmp_path / "t1"))
+    assert set(paths) == {"accuracy", "reliability"}
+    for path in paths.values():
+        assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def test_unknown_row_is_an_error(capsys):
@@ -54,6 +75,9 @@ def test_tiny_table_runs_end_to_end(tmp_path):
     assert "| *Bayes ceiling* |" in text and "| *heuristic: shorter wins* |" in text
     assert text.count("| AVA-p |") == 2 and "both-EOS pairs acc" in text
     assert np.isfinite(float(text.split("| BT | ")[1].split(" ± ")[0]))
+    # AVA-p has a sigma: its runs' reliability bins reach the plot.
+    assert (tmp_path / "t1_accuracy.png").exists() and (tmp_path / "t1_reliability.png").exists()
+    assert "[reliability](t1_reliability.png)" in text
 
 
 def test_cell_cache_reruns_only_missing_or_changed_cells(tmp_path, monkeypatch):

@@ -30,6 +30,7 @@ import numpy as np
 
 from ava_jax import config as cfglib
 from ava_jax.data.load import load_pair_splits
+from ava_jax.eval.calibration import ReliabilityBins, preference_probability, reliability_bins
 from ava_jax.pipelines import reward_model, tables
 
 log = logging.getLogger(__name__)
@@ -124,6 +125,9 @@ class Cell:
     test_metrics: dict
     both_eos: float = float("nan")  # HH: accuracy on test pairs whose two responses end with EOS
     low_data_test: float = float("nan")
+    # Rows with a sigma: the test split's reliability bins of Phi(dmu / sigma) ({mean_pred, freq,
+    # count}: lists over 10 equal-width bins, symmetrised), pooled over seeds for the plot.
+    reliability: dict = dataclasses.field(default_factory=dict)
 
 
 def _both_eos_accuracy(result, eos_id: int) -> float:
@@ -144,6 +148,11 @@ def run_cell(row: Row, dataset: str, seed: int, overrides: dict, *, tiny: bool, 
                 dict(result.metrics["test"]))
     if dataset == "hh":
         cell.both_eos = _both_eos_accuracy(result, result.eos_id)
+    p_N = preference_probability(result.scores["test"])
+    if not np.isnan(p_N).all():
+        bins = reliability_bins(p_N[~np.isnan(p_N)])
+        cell.reliability = {"mean_pred": bins.mean_pred_B.tolist(), "freq": bins.freq_B.tolist(),
+                            "count": bins.count_B.tolist()}
     return cell
 
 
@@ -256,11 +265,15 @@ def verdict(a, b, name_a: str, name_b: str) -> tuple[str, str]:
     return "not confirmed (within the seed spread)", text
 
 
-def format_table(cells, refs, seeds, command: str, wall_s: float, low_data: int) -> str:
+def format_table(cells, refs, seeds, command: str, wall_s: float, low_data: int, plots: dict | None = None) -> str:
     out = [f"# Table 1, second edition, as measured on this machine ({datetime.date.today().isoformat()})", "",
            f"Command: `{command}`  ", f"Seeds: {', '.join(map(str, seeds))}; mean ± sample standard deviation "
            f"over seeds (%). Host: {platform.machine()}, Python {platform.python_version()}; "
-           f"wall time {wall_s / 60:.1f} min.", ""]
+           f"wall time {wall_s / 60:.1f} min (cells kept by `--cache` count as no time).", "",
+           "ECE and MAE to true P: Phi(dmu / sigma) against the labels (symmetrised, 10 bins) and against the "
+           "true preference probability; the sigma quarters split the test pairs by their total sigma.", ""]
+    if plots:
+        out += ["Plots: " + ", ".join(f"[{name}]({os.path.basename(path)})" for name, path in plots.items()), ""]
     titles = {"synthetic": "Synthetic token MDP (known per-token rewards), scratch 2-layer model",
               "stories": "Stories (TinyStories-260K samples, gold word-rule rewards), pretrained TinyStories-260K",
               "hh": "Anthropic HH-RLHF harmless-base (bundled split), pretrained TinyStories-260K"}
@@ -268,7 +281,8 @@ def format_table(cells, refs, seeds, command: str, wall_s: float, low_data: int)
         gt = ds in GROUND_TRUTH
         head = ["method", "test acc", "val acc"] + ([f"test acc, {low_data} pairs"] if low_data else [])
         head += ["prefix-pair acc", "Spearman(mu, r*)"] if gt else ["both-EOS pairs acc"]
-        head += ["ECE", "LM log-lik chosen"]
+        head += ["ECE"] + (["MAE to true P"] if gt else [])
+        head += ["acc, lowest-sigma quarter", "acc, highest-sigma quarter", "LM log-lik chosen"]
         if ds == "hh":
             head.append("paper (GPT-2, Harmless)")
         out += [f"## {titles[ds]}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -283,7 +297,11 @@ def format_table(cells, refs, seeds, command: str, wall_s: float, low_data: int)
                          _ms([c.extra.get("test_reward_spearman", np.nan) for c in cs], scale=1.0, digits=3)]
             else:
                 line.append(_ms([c.both_eos for c in cs]))
-            line += [_ms([c.test_metrics.get("ece", np.nan) for c in cs], scale=1.0, digits=3),
+            line.append(_ms([c.test_metrics.get("ece", np.nan) for c in cs], scale=1.0, digits=3))
+            if gt:
+                line.append(_ms([c.test_metrics.get("mae_to_truth", np.nan) for c in cs], scale=1.0, digits=3))
+            line += [_ms([c.test_metrics.get("acc_sigma_q1", np.nan) for c in cs]),
+                     _ms([c.test_metrics.get("acc_sigma_q4", np.nan) for c in cs]),
                      _ms([c.test_metrics.get("lm_loglik_chosen", np.nan) for c in cs], scale=1.0)]
             if ds == "hh":
                 line.append(str(PAPER_HARMLESS.get(name, "")))
@@ -291,6 +309,66 @@ def format_table(cells, refs, seeds, command: str, wall_s: float, low_data: int)
         out.append("")
     out += claims(cells)
     return "\n".join(out)
+
+
+def pooled_reliability(cs) -> ReliabilityBins | None:
+    """The seeds' reliability bins pooled into one (counts summed, means weighted by count)."""
+    cs = [c for c in cs if c.reliability]
+    if not cs:
+        return None
+    count = np.sum([np.asarray(c.reliability["count"], np.float64) for c in cs], axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        pooled = {k: np.nansum([np.asarray(c.reliability[k], np.float64) * np.asarray(c.reliability["count"])
+                                for c in cs], axis=0) / count for k in ("mean_pred", "freq")}
+    return ReliabilityBins(edges_Bp1=np.linspace(0.0, 1.0, count.size + 1), mean_pred_B=pooled["mean_pred"],
+                           freq_B=pooled["freq"], count_B=count.astype(np.int64))
+
+
+def write_plots(cells, refs, base: str) -> dict[str, str]:
+    """`<base>_accuracy.png` (each row's test accuracy per seed and its mean, the ceiling and the
+    reference rows as lines, one panel per dataset) and `<base>_reliability.png` (Phi(dmu / sigma)
+    against the label frequency for every row with a sigma, seeds pooled); {name: path}."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    paths = {}
+    n = len(cells)
+    fig = Figure(figsize=(6.0 * n, 0.32 * max(len(r) for r in cells.values()) + 1.8))
+    FigureCanvasAgg(fig)
+    axes = np.atleast_1d(fig.subplots(1, n, sharey=True))
+    for ax, (ds, rows) in zip(axes, cells.items()):
+        names = list(rows)[::-1]
+        for y, name in enumerate(names):
+            acc = 100 * np.asarray([c.test for c in rows[name]])
+            ax.plot(acc, [y] * acc.size, "o", color="tab:blue", ms=3, alpha=0.6)
+            ax.plot([acc.mean()], [y], "|", color="k", ms=12, mew=2)
+        for (name, value), style in zip(refs[ds].items(), ("-", "--", ":", "-.", (0, (1, 3)), (0, (5, 5)))):
+            ax.axvline(100 * value, color="tab:red", ls=style, lw=1, label=name)
+        ax.set_yticks(range(len(names)), names, fontsize=7)
+        ax.set(xlabel="test accuracy (%)", title=ds)
+        ax.grid(axis="x", alpha=0.3)
+        ax.legend(fontsize=6, loc="lower left")
+    fig.tight_layout()
+    paths["accuracy"] = f"{base}_accuracy.png"
+    fig.savefig(paths["accuracy"], format="png", dpi=110)
+
+    pooled = {ds: {name: b for name, cs in rows.items() if (b := pooled_reliability(cs)) is not None}
+              for ds, rows in cells.items()}
+    pooled = {ds: rows for ds, rows in pooled.items() if rows}
+    if pooled:
+        fig = Figure(figsize=(4.8 * len(pooled), 4.8))
+        FigureCanvasAgg(fig)
+        for ax, (ds, rows) in zip(np.atleast_1d(fig.subplots(1, len(pooled))), pooled.items()):
+            ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
+            for name, b in rows.items():
+                full = b.count_B > 0
+                ax.plot(b.mean_pred_B[full], b.freq_B[full], "o-", ms=3, lw=1, label=name)
+            ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="Phi(dmu / sigma), binned", ylabel="label frequency",
+                   title=f"{ds}: test pairs, seeds pooled")
+            ax.legend(fontsize=5)
+        fig.tight_layout()
+        paths["reliability"] = f"{base}_reliability.png"
+        fig.savefig(paths["reliability"], format="png", dpi=110)
+    return paths
 
 
 def claims(cells) -> list[str]:
@@ -364,8 +442,9 @@ def main(argv=None):
     t0 = time.perf_counter()
     cells, refs = run_table(datasets, seeds, rows, overrides, tiny=args.tiny, low_data=args.low_data,
                             cache_dir=args.cache)
+    plots = write_plots(cells, refs, os.path.splitext(args.out)[0]) if args.out else {}
     text = format_table(cells, refs, seeds, "python launch/table1.py " + shlex.join(sys.argv[1:] if argv is None else argv),
-                        time.perf_counter() - t0, args.low_data)
+                        time.perf_counter() - t0, args.low_data, plots)
     print(text)
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
