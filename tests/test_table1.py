@@ -109,3 +109,30 @@ def test_cell_cache_reruns_only_missing_or_changed_cells(tmp_path, monkeypatch):
     table1.cached_cell(bt, "synthetic", 1, {}, tiny=True, train_pairs=64, cache_dir=str(tmp_path))
     assert calls[4:] == [("BT", "synthetic", 1, (), 64)] and low.test == 0.51
     assert len(list(tmp_path.glob("table1_synthetic_BT_seed1_pairs64_*.json"))) == 1
+
+
+def test_kept_only_tabulates_the_kept_cells_and_lists_the_missing(tmp_path, monkeypatch):
+    """`--kept-only`: nothing runs; a row shows the seeds it has, a row with none is left out, and
+    every missing cell (the low-data ones too) is listed under the table."""
+    monkeypatch.setattr(table1, "reference_rows", lambda ds, overrides, tiny: {"Bayes ceiling": 0.8})
+    ran = []
+
+    def fake_run_cell(row, dataset, seed, overrides, *, tiny, train_pairs=0):
+        ran.append((row.name, seed, train_pairs))
+        return table1.Cell(test=0.6 + seed / 100, validation=0.6, extra={}, test_metrics={})
+    monkeypatch.setattr(table1, "run_cell", fake_run_cell)
+    bt, pt = table1.ROWS[0], table1.ROWS[1]
+    for seed in (0, 1):
+        table1.cached_cell(bt, "synthetic", seed, {}, tiny=True, cache_dir=str(tmp_path))
+    table1.cached_cell(bt, "synthetic", 0, {}, tiny=True, train_pairs=64, cache_dir=str(tmp_path))
+    ran.clear()
+    cells, refs, missing = table1.run_table(("synthetic",), (0, 1, 2), (bt, pt), tiny=True, low_data=64,
+                                            cache_dir=str(tmp_path), kept_only=True)
+    assert ran == [] and list(cells["synthetic"]) == ["BT"] and len(cells["synthetic"]["BT"]) == 2
+    assert cells["synthetic"]["BT"][0].low_data_test == 0.6 and np.isnan(cells["synthetic"]["BT"][1].low_data_test)
+    assert missing == ["synthetic / BT / seed 1 / 64 pairs", "synthetic / BT / seed 2",
+                       "synthetic / PT / seed 0", "synthetic / PT / seed 1", "synthetic / PT / seed 2"]
+    text = table1.format_table(cells, refs, (0, 1, 2), "cmd", 1.0, 64, missing=missing)
+    assert "| BT (2 of 3 seeds) | 60.50 ± 0.71 |" in text and "## Not run yet (5 cells)" in text
+    with pytest.raises(SystemExit):
+        table1.main(["--kept-only", "--datasets", "synthetic"])

@@ -3,6 +3,7 @@ and AVA-d over seeds, on the two ground-truth tasks (synthetic token MDP, storie
 
   python launch/table1.py --out docs/table1.md                          # everything (CPU: hours)
   python launch/table1.py --cache docs/table1_cells --out docs/table1.md   # the same, resumable across sessions
+  python launch/table1.py --cache docs/table1_cells --kept-only --out docs/table1.md   # tabulate what is kept
   python launch/table1.py --datasets synthetic --seeds 0,1,2 --out /tmp/t1.md
   python launch/table1.py --datasets stories --rows BT,PT,AVA-p --seeds 0 --tiny --out /tmp/t1.md   # smoke test
 
@@ -201,8 +202,9 @@ def cell_path(cache_dir: str, row: Row, dataset: str, seed: int, overrides: dict
 
 
 def cached_cell(row: Row, dataset: str, seed: int, overrides: dict, *, tiny: bool, train_pairs: int = 0,
-                cache_dir: str = "") -> Cell:
-    """run_cell, kept under `cache_dir` when given (a killed or extended table reruns only what is missing)."""
+                cache_dir: str = "", kept_only: bool = False) -> Cell | None:
+    """run_cell, kept under `cache_dir` when given (a killed or extended table reruns only what is
+    missing). kept_only: return the kept cell, or None where there is none (nothing is run)."""
     if not cache_dir:
         return run_cell(row, dataset, seed, overrides, tiny=tiny, train_pairs=train_pairs)
 
@@ -210,31 +212,45 @@ def cached_cell(row: Row, dataset: str, seed: int, overrides: dict, *, tiny: boo
         c = run_cell(row, dataset, seed, overrides, tiny=tiny, train_pairs=train_pairs)
         return {**dataclasses.asdict(c), "extra": _scalars(c.extra), "test_metrics": _scalars(c.test_metrics)}
     path = cell_path(cache_dir, row, dataset, seed, overrides, tiny=tiny, train_pairs=train_pairs)
+    if kept_only and not os.path.exists(path):
+        return None
     size = f" / {train_pairs} pairs" if train_pairs else ""
     return Cell(**tables.stored(path, compute, f"table1: {dataset} / {row.name} / seed {seed}{size}"))
 
 
 def run_table(datasets=("synthetic", "stories", "hh"), seeds=(0, 1, 2), rows=ROWS, overrides: dict | None = None,
-              *, tiny: bool = False, low_data: int = 256, cache_dir: str = ""):
-    """Runs every (dataset, row, seed); returns ({dataset: {row: [Cell]}}, {dataset: reference rows}).
+              *, tiny: bool = False, low_data: int = 256, cache_dir: str = "", kept_only: bool = False):
+    """Runs every (dataset, row, seed); returns ({dataset: {row: [Cell]}}, {dataset: reference rows},
+    [the cells not run]).
 
     cache_dir: keep each cell there as it finishes and reuse kept ones (`--cache`; see `cell_path`).
+    kept_only: run nothing, tabulate the kept cells (`--kept-only`: a table that several sessions fill);
+    a row keeps the seeds it has, one with none is left out, and the missing cells are listed.
     """
     overrides = overrides or {}
-    cells, refs = {}, {}
+    cells, refs, missing = {}, {}, []
     for ds in datasets:
         refs[ds] = reference_rows(ds, overrides, tiny=tiny)
         cells[ds] = {}
         for row in rows:
-            cells[ds][row.name] = []
+            kept = []
             for seed in seeds:
                 log.info("table1: %s / %s / seed %d", ds, row.name, seed)
-                cell = cached_cell(row, ds, seed, overrides, tiny=tiny, cache_dir=cache_dir)
+                cell = cached_cell(row, ds, seed, overrides, tiny=tiny, cache_dir=cache_dir, kept_only=kept_only)
+                if cell is None:
+                    missing.append(f"{ds} / {row.name} / seed {seed}")
+                    continue
                 if low_data:
-                    cell.low_data_test = cached_cell(row, ds, seed, overrides, tiny=tiny, train_pairs=low_data,
-                                                     cache_dir=cache_dir).test
-                cells[ds][row.name].append(cell)
-    return cells, refs
+                    small = cached_cell(row, ds, seed, overrides, tiny=tiny, train_pairs=low_data,
+                                        cache_dir=cache_dir, kept_only=kept_only)
+                    if small is None:
+                        missing.append(f"{ds} / {row.name} / seed {seed} / {low_data} pairs")
+                    else:
+                        cell.low_data_test = small.test
+                kept.append(cell)
+            if kept:
+                cells[ds][row.name] = kept
+    return cells, refs, missing
 
 
 def _stats(values):
@@ -265,7 +281,8 @@ def verdict(a, b, name_a: str, name_b: str) -> tuple[str, str]:
     return "not confirmed (within the seed spread)", text
 
 
-def format_table(cells, refs, seeds, command: str, wall_s: float, low_data: int, plots: dict | None = None) -> str:
+def format_table(cells, refs, seeds, command: str, wall_s: float, low_data: int, plots: dict | None = None,
+                 missing=()) -> str:
     out = [f"# Table 1, second edition, as measured on this machine ({datetime.date.today().isoformat()})", "",
            f"Command: `{command}`  ", f"Seeds: {', '.join(map(str, seeds))}; mean ± sample standard deviation "
            f"over seeds (%). Host: {platform.machine()}, Python {platform.python_version()}; "
@@ -289,7 +306,8 @@ def format_table(cells, refs, seeds, command: str, wall_s: float, low_data: int,
         for name, value in refs[ds].items():
             out.append(f"| *{name}* | {100 * value:.2f} |" + " |" * (len(head) - 2))
         for name, cs in rows.items():
-            line = [name, _ms([c.test for c in cs]), _ms([c.validation for c in cs])]
+            label = name if len(cs) == len(seeds) else f"{name} ({len(cs)} of {len(seeds)} seeds)"
+            line = [label, _ms([c.test for c in cs]), _ms([c.validation for c in cs])]
             if low_data:
                 line.append(_ms([c.low_data_test for c in cs]))
             if gt:
@@ -308,6 +326,9 @@ def format_table(cells, refs, seeds, command: str, wall_s: float, low_data: int,
             out.append("| " + " | ".join(line) + " |")
         out.append("")
     out += claims(cells)
+    if missing:
+        out += [f"## Not run yet ({len(missing)} cells)", "",
+                "Rerun the command without `--kept-only` to fill them: " + "; ".join(missing) + ".", ""]
     return "\n".join(out)
 
 
@@ -421,7 +442,11 @@ def main(argv=None):
     p.add_argument("--out", default="")
     p.add_argument("--cache", default="", metavar="DIR",
                    help="keep each (dataset, row, seed) cell as it finishes and reuse kept ones (resume a killed run)")
+    p.add_argument("--kept-only", action="store_true",
+                   help="with --cache: run nothing, tabulate the kept cells and list the missing ones")
     args = p.parse_args(argv)
+    if args.kept_only and not args.cache:
+        p.error("--kept-only needs --cache DIR (the kept cells)")
     logging.basicConfig(level=logging.INFO)
     seeds = args.seeds
     names = [r for r in args.rows.split(",") if r]
@@ -440,11 +465,11 @@ def main(argv=None):
             p.error(f"--set {item!r}: expected DATASET:KEY=VALUE with DATASET in {datasets}")
         overrides[ds][key] = _parse_value(value)
     t0 = time.perf_counter()
-    cells, refs = run_table(datasets, seeds, rows, overrides, tiny=args.tiny, low_data=args.low_data,
-                            cache_dir=args.cache)
+    cells, refs, missing = run_table(datasets, seeds, rows, overrides, tiny=args.tiny, low_data=args.low_data,
+                                     cache_dir=args.cache, kept_only=args.kept_only)
     plots = write_plots(cells, refs, os.path.splitext(args.out)[0]) if args.out else {}
     text = format_table(cells, refs, seeds, "python launch/table1.py " + shlex.join(sys.argv[1:] if argv is None else argv),
-                        time.perf_counter() - t0, args.low_data, plots)
+                        time.perf_counter() - t0, args.low_data, plots, missing)
     print(text)
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
