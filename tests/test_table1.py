@@ -136,3 +136,14 @@ def test_kept_only_tabulates_the_kept_cells_and_lists_the_missing(tmp_path, monk
     assert "| BT (2 of 3 seeds) | 60.50 ± 0.71 |" in text and "## Not run yet (5 cells)" in text
     with pytest.raises(SystemExit):
         table1.main(["--kept-only", "--datasets", "synthetic"])
+
+
+def test_regenerating_keeps_the_reading_below_the_marker(tmp_path):
+    out = tmp_path / "t1.md"
+    table1.write_keeping_reading(str(out), "# table v1")
+    assert out.read_text() == "# table v1\n"
+    out.write_text(out.read_text() + f"\n{table1.READING}\n\nAVA-p is below PT.\n")
+    table1.write_keeping_reading(str(out), "# table v2")
+    text = out.read_text()
+    assert text.startswith("# table v2\n") and "v1" not in text and text.endswith("AVA-p is below PT.\n")
+    assert text.count(table1.READING) == 1

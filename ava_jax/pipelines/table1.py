@@ -472,5 +472,20 @@ def main(argv=None):
                         time.perf_counter() - t0, args.low_data, plots, missing)
     print(text)
     if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
+        write_keeping_reading(args.out, text)
+
+
+READING = "<!-- reading: kept when the table above is regenerated -->"
+
+
+def write_keeping_reading(path: str, text: str) -> None:
+    """Writes the generated table to `path`, keeping a hand-written reading that follows the
+    `READING` marker line in the file it replaces (the numbers change, the reading is revised)."""
+    tail = ""
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            old = f.read()
+        if READING in old:
+            tail = "\n" + old[old.index(READING):]
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text + "\n" + tail)
