@@ -130,10 +130,11 @@ def test_kept_only_tabulates_the_kept_cells_and_lists_the_missing(tmp_path, monk
                                             cache_dir=str(tmp_path), kept_only=True)
     assert ran == [] and list(cells["synthetic"]) == ["BT"] and len(cells["synthetic"]["BT"]) == 2
     assert cells["synthetic"]["BT"][0].low_data_test == 0.6 and np.isnan(cells["synthetic"]["BT"][1].low_data_test)
-    assert missing == ["synthetic / BT / seed 1 / 64 pairs", "synthetic / BT / seed 2",
-                       "synthetic / PT / seed 0", "synthetic / PT / seed 1", "synthetic / PT / seed 2"]
+    assert missing == [("synthetic", "BT", 1, 64), ("synthetic", "BT", 2, 0), ("synthetic", "PT", 0, 0),
+                       ("synthetic", "PT", 1, 0), ("synthetic", "PT", 2, 0)]
     text = table1.format_table(cells, refs, (0, 1, 2), "cmd", 1.0, 64, missing=missing)
     assert "| BT (2 of 3 seeds) | 60.50 ± 0.71 |" in text and "## Not run yet (5 cells)" in text
+    assert "- synthetic / BT: seeds 2, [1]" in text and "- synthetic / PT: seeds 0,1,2" in text
     with pytest.raises(SystemExit):
         table1.main(["--kept-only", "--datasets", "synthetic"])
 

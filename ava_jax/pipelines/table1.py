@@ -221,7 +221,7 @@ def cached_cell(row: Row, dataset: str, seed: int, overrides: dict, *, tiny: boo
 def run_table(datasets=("synthetic", "stories", "hh"), seeds=(0, 1, 2), rows=ROWS, overrides: dict | None = None,
               *, tiny: bool = False, low_data: int = 256, cache_dir: str = "", kept_only: bool = False):
     """Runs every (dataset, row, seed); returns ({dataset: {row: [Cell]}}, {dataset: reference rows},
-    [the cells not run]).
+    [(dataset, row, seed, training pairs or 0) of each cell not run]).
 
     cache_dir: keep each cell there as it finishes and reuse kept ones (`--cache`; see `cell_path`).
     kept_only: run nothing, tabulate the kept cells (`--kept-only`: a table that several sessions fill);
@@ -238,13 +238,13 @@ def run_table(datasets=("synthetic", "stories", "hh"), seeds=(0, 1, 2), rows=ROW
                 log.info("table1: %s / %s / seed %d", ds, row.name, seed)
                 cell = cached_cell(row, ds, seed, overrides, tiny=tiny, cache_dir=cache_dir, kept_only=kept_only)
                 if cell is None:
-                    missing.append(f"{ds} / {row.name} / seed {seed}")
+                    missing.append((ds, row.name, seed, 0))
                     continue
                 if low_data:
                     small = cached_cell(row, ds, seed, overrides, tiny=tiny, train_pairs=low_data,
                                         cache_dir=cache_dir, kept_only=kept_only)
                     if small is None:
-                        missing.append(f"{ds} / {row.name} / seed {seed} / {low_data} pairs")
+                        missing.append((ds, row.name, seed, low_data))
                     else:
                         cell.low_data_test = small.test
                 kept.append(cell)
@@ -328,7 +328,15 @@ def format_table(cells, refs, seeds, command: str, wall_s: float, low_data: int,
     out += claims(cells)
     if missing:
         out += [f"## Not run yet ({len(missing)} cells)", "",
-                "Rerun the command without `--kept-only` to fill them: " + "; ".join(missing) + ".", ""]
+                "The command without `--kept-only` fills them. Per dataset and row, the seeds not run "
+                "(with their low-data runs) and, in brackets, the seeds that lack only the low-data run:", ""]
+        for ds in dict.fromkeys(m[0] for m in missing):
+            for name in dict.fromkeys(m[1] for m in missing if m[0] == ds):
+                full = [str(m[2]) for m in missing if m[:2] == (ds, name) and not m[3]]
+                low = [str(m[2]) for m in missing if m[:2] == (ds, name) and m[3]]
+                out.append(f"- {ds} / {name}: " + ", ".join(filter(None, [
+                    f"seeds {','.join(full)}" if full else "", f"[{','.join(low)}]" if low else ""])))
+        out.append("")
     return "\n".join(out)
 
 
