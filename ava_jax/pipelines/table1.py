@@ -327,7 +327,8 @@ def format_table(cells, refs, seeds, command: str, wall_s: float, low_data: int,
         out.append("")
     out += claims(cells)
     if missing:
-        out += [f"## Not run yet ({len(missing)} cells)", "",
+        n_low = sum(1 for m in missing if m[3])
+        out += [f"## Not run yet ({len(missing) - n_low} cells, {n_low} more low-data runs)", "",
                 "The command without `--kept-only` fills them. Per dataset and row, the seeds not run "
                 "(with their low-data runs) and, in brackets, the seeds that lack only the low-data run:", ""]
         for ds in dict.fromkeys(m[0] for m in missing):
