@@ -364,7 +364,7 @@ def write_plots(cells, refs, base: str) -> dict[str, str]:
     n = len(cells)
     fig = Figure(figsize=(6.0 * n, 0.32 * max(len(r) for r in cells.values()) + 1.8))
     FigureCanvasAgg(fig)
-    axes = np.atleast_1d(fig.subplots(1, n, sharey=True))
+    axes = np.atleast_1d(fig.subplots(1, n))  # own y axis each: the datasets may have different rows
     for ax, (ds, rows) in zip(axes, cells.items()):
         names = list(rows)[::-1]
         for y, name in enumerate(names):
