@@ -457,7 +457,6 @@ def main(argv=None):
     if args.kept_only and not args.cache:
         p.error("--kept-only needs --cache DIR (the kept cells)")
     logging.basicConfig(level=logging.INFO)
-    seeds = args.seeds
     names = [r for r in args.rows.split(",") if r]
     unknown = sorted(set(names) - {r.name for r in ROWS})
     if unknown:
@@ -474,10 +473,10 @@ def main(argv=None):
             p.error(f"--set {item!r}: expected DATASET:KEY=VALUE with DATASET in {datasets}")
         overrides[ds][key] = _parse_value(value)
     t0 = time.perf_counter()
-    cells, refs, missing = run_table(datasets, seeds, rows, overrides, tiny=args.tiny, low_data=args.low_data,
+    cells, refs, missing = run_table(datasets, args.seeds, rows, overrides, tiny=args.tiny, low_data=args.low_data,
                                      cache_dir=args.cache, kept_only=args.kept_only)
     plots = write_plots(cells, refs, os.path.splitext(args.out)[0]) if args.out else {}
-    text = format_table(cells, refs, seeds, "python launch/table1.py " + shlex.join(sys.argv[1:] if argv is None else argv),
+    text = format_table(cells, refs, args.seeds, "python launch/table1.py " + shlex.join(sys.argv[1:] if argv is None else argv),
                         time.perf_counter() - t0, args.low_data, plots, missing)
     print(text)
     if args.out:

@@ -4,6 +4,7 @@ markdown / JSON / PNG files, and the command line.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import datetime
 import hashlib
@@ -212,7 +213,6 @@ def _commit() -> str:
 def parser(doc: str):
     """The table and curve drivers' argparse parser: a bad flag or value is one line on stderr,
     `error: PROG: ...`, and exit status 2 (argparse's usage block stays in --help)."""
-    import argparse
 
     class OneLineErrors(argparse.ArgumentParser):
         def error(self, message):
@@ -224,7 +224,6 @@ def parser(doc: str):
 def int_list(text: str) -> tuple[int, ...]:
     """An argparse type for `--seeds 0,1,2` and the like: a malformed list is a one-line error
     (`argument --seeds: ...`, exit 2), not a traceback."""
-    import argparse
     try:
         values = tuple(int(s) for s in text.split(","))
     except ValueError:
