@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import platform
+import re
 import shlex
 import time
 
@@ -457,7 +458,7 @@ def main(argv=None):
     if args.kept_only and not args.cache:
         p.error("--kept-only needs --cache DIR (the kept cells)")
     logging.basicConfig(level=logging.INFO)
-    names = [r for r in args.rows.split(",") if r]
+    names = [r.strip() for r in re.split(r",(?![^()]*\))", args.rows) if r.strip()]  # commas inside (...) belong to a name
     unknown = sorted(set(names) - {r.name for r in ROWS})
     if unknown:
         p.error(f"unknown rows {unknown}; known: {[r.name for r in ROWS]}")
