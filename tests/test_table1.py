@@ -28,8 +28,14 @@ def test_format_table_has_every_row_reference_and_claim():
     for needle in ("| *Bayes ceiling* | 80.00 |", "| AVA-p | 76.00 ± 1.00 |", "test acc, 256 pairs",
                    "acc, lowest-sigma quarter", "MAE to true P", "[accuracy](t1_accuracy.png)",
                    "| AVA-p more accurate than BT | synthetic | confirmed |",
-                   "| removing cer hurts | synthetic | confirmed |", "prefix pairs"):
+                   "| removing cer hurts | synthetic | confirmed |", "prefix pairs",
+                   "| AVA-p more accurate than PT with few training pairs (low-data column) | synthetic | confirmed "
+                   "| AVA-p 71.00 vs PT 68.00"):
         assert needle in text, needle
+    for c in cells["synthetic"]["PT"]:
+        c.low_data_test = float("nan")  # no low-data runs for PT: no low-data claim against it
+    text = table1.format_table(cells, refs, (0, 1, 2), "python launch/table1.py", 60.0, 256)
+    assert "than PT with few training pairs" not in text and "than BT with few training pairs" in text
 
 
 def test_reliability_is_pooled_over_seeds_by_count_and_plotted(tmp_path):
