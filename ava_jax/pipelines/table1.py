@@ -363,7 +363,7 @@ def write_plots(cells, refs, base: str) -> dict[str, str]:
     from matplotlib.figure import Figure
     paths = {}
     n = len(cells)
-    fig = Figure(figsize=(6.0 * n, 0.32 * max(len(r) for r in cells.values()) + 1.8))
+    fig = Figure(figsize=(6.0 * n, 0.32 * max(len(r) for r in cells.values()) + 2.4))
     FigureCanvasAgg(fig)
     axes = np.atleast_1d(fig.subplots(1, n))  # own y axis each: the datasets may have different rows
     for ax, (ds, rows) in zip(axes, cells.items()):
@@ -377,7 +377,8 @@ def write_plots(cells, refs, base: str) -> dict[str, str]:
         ax.set_yticks(range(len(names)), names, fontsize=7)
         ax.set(xlabel="test accuracy (%)", title=ds)
         ax.grid(axis="x", alpha=0.3)
-        ax.legend(fontsize=6, loc="lower left")
+        # Below the panel, so no point hides behind it (the reference lines sit at the panels' edges).
+        ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2, frameon=False)
     fig.tight_layout()
     paths["accuracy"] = f"{base}_accuracy.png"
     fig.savefig(paths["accuracy"], format="png", dpi=110)
