@@ -84,8 +84,7 @@ def worker(framework: str, name: str, batch: int, seq: int, steps: int, remat: b
         b = {"tokens": tokens, "mask": jnp.ones((batch, seq), bool)}
         step, state = lm_train_step(model, b)
         del model
-        compiled = step.lower(state, b, jax.random.key(0)).compile()
-        mem = compiled.memory_analysis()
+        mem = step.lower(state, b, jax.random.key(0)).compile().memory_analysis()  # not kept: jit has its own
         xla = {k: getattr(mem, f"{k}_size_in_bytes", 0) for k in ("argument", "output", "temp", "alias")}
         state, m = step(state, b, jax.random.key(0))  # the first call, outside the sampled window
         jax.block_until_ready(m)
@@ -120,8 +119,8 @@ def worker(framework: str, name: str, batch: int, seq: int, steps: int, remat: b
             for _ in range(steps):
                 step()
         out = {}
-    return dict(out, base=base, ready=ready, peak_steps=s.peak, peak_process=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-                * 1024)
+    peak_process = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    return dict(out, base=base, ready=ready, peak_steps=s.peak, peak_process=peak_process)
 
 
 def run_worker(framework, name, args) -> dict:
@@ -163,6 +162,7 @@ def main():
         x = j["xla"]
         print(f"| {name} | {jr:.0f} | {js:.0f} | {tr:.0f} | {ts:.0f} | {js / ts:.2f}x | {jp:.0f} | "
               f"{x['argument'] / mib:.0f} + {x['temp'] / mib:.0f} |", flush=True)
+
 
 if __name__ == "__main__":
     main()

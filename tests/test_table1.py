@@ -75,6 +75,7 @@ def test_row_names_with_commas_can_be_chosen(tmp_path):
         assert name in missing
     assert "synthetic / PT:" not in missing
 
+
 @pytest.mark.parametrize("flag, value", [("--seeds", "a"), ("--seeds", "0,,1")])
 def test_malformed_integer_list_is_a_one_line_error(capsys, flag, value):
     with pytest.raises(SystemExit) as e:
