@@ -23,7 +23,7 @@ def _run_script(name: str) -> str:
 
 def test_sharded_step_equals_single_device():
     stdout = _run_script("multidevice_step.py")
-    for shape in ("(8, 1, 1)", "(2, 2, 2)", "(1, 1, 8)"):
+    for shape in ("(8, 1, 1)", "(2, 2, 2)", "(1, 1, 8)", "(2, 2, 2) remat"):
         assert f"mesh {shape}" in stdout
 
 

@@ -56,7 +56,9 @@ class ModelConfig:
     # Compute dtype and parameter dtype: bf16 compute on accelerators, float32 parameters.
     dtype: str = "float32"
     param_dtype: str = "float32"
-    remat: bool = False  # rematerialise each block in the backward pass
+    # Rematerialise each block in the backward pass: the blocks run as a checkpointed scan over their
+    # stacked parameters (not with a KV cache), so only each layer's input is kept for the backward.
+    remat: bool = False
     # "auto": the query-blocked causal kernel on CPU, XLA's dot_product_attention elsewhere and with
     # a KV cache; "xla" / "blocked" force one (ava_jax.models.attention).
     attention: str = "auto"

@@ -79,7 +79,16 @@ def apply(backbone, cfg: LoraConfig, seed: int = 0):
     base_graphdef = nnx.graphdef(backbone)
     provider = qwix.LoraProvider(module_path=cfg.targets, rank=cfg.rank, alpha=float(cfg.alpha))
     example = jnp.zeros((1, 2), jnp.int32)
-    adapted = qwix.apply_lora_to_model(backbone, provider, example, rngs=nnx.Rngs(lora=seed, params=seed))
+    # qwix creates the adapters on the modules it sees called, so it must call the blocks themselves,
+    # not the per-layer copies a rematerialised backbone merges inside its scan; the adapted model
+    # then runs the scan like any other (each copy carries its layer's adapters).
+    cfg_model = backbone.cfg
+    backbone.cfg = dataclasses.replace(cfg_model, remat=False)
+    try:
+        adapted = qwix.apply_lora_to_model(backbone, provider, example, rngs=nnx.Rngs(lora=seed, params=seed))
+    finally:
+        backbone.cfg = cfg_model
+    adapted.cfg = cfg_model
     if not adapter_names(adapted):
         raise ConfigError(f"lora.targets={cfg.targets!r} matched no projection of the backbone (its module paths "
                           "look like 'blocks/0/attn' and 'blocks/0/mlp')")

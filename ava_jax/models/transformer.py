@@ -169,8 +169,27 @@ class Block(nnx.Module):
         return x_BxTxD + self.mlp(self.ln_mlp(x_BxTxD)), layer_cache
 
 
-def _run_block(block, x, pos, mask, layer_cache, index):
-    return block(x, pos, mask, layer_cache, index)
+def _run_blocks_remat(blocks, x_BxTxD, pos_BxT, mask):
+    """The blocks as one `lax.scan` over their stacked parameters, each step checkpointed.
+
+    Rematerialisation only saves memory when the recomputation cannot be scheduled next to the
+    forward: XLA (on CPU at least, jax-ml/jax#19822) keeps every `jax.checkpoint`ed block's
+    activations when the blocks are an unrolled Python loop, but a scan's backward loop has to
+    recompute each step's body, so only the [B, T, D] carry of every layer is kept. The blocks keep
+    their own parameter trees (checkpoint layout, LoRA adapters, sharding rules); they are stacked
+    here, per step, which costs one copy of the block parameters and of their gradients.
+    """
+    graphdef, first = nnx.split(blocks[0])
+    states = [first] + [nnx.state(b) for b in blocks[1:]]
+    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
+
+    @jax.checkpoint
+    def step(x, state):
+        y, _ = nnx.merge(graphdef, state)(x, pos_BxT, mask)
+        return y, None
+
+    x_BxTxD, _ = jax.lax.scan(step, x_BxTxD, stacked)
+    return x_BxTxD
 
 
 class Transformer(nnx.Module):
@@ -228,14 +247,16 @@ class Transformer(nnx.Module):
         if self.pos_embed is not None:
             x_BxTxD = x_BxTxD + jnp.take(self.pos_embed[...], pos_BxT, axis=0).astype(cfg.jnp_dtype)
 
-        run = nnx.remat(_run_block) if cfg.remat else _run_block
         new_k, new_v = [], []
-        for i, block in enumerate(self.blocks):
-            layer_cache = None if cache is None else (cache.k[i], cache.v[i])
-            x_BxTxD, layer_cache = run(block, x_BxTxD, pos_BxT, mask, layer_cache, index)
-            if cache is not None:
-                new_k.append(layer_cache[0])
-                new_v.append(layer_cache[1])
+        if cfg.remat and cache is None:
+            x_BxTxD = _run_blocks_remat(self.blocks, x_BxTxD, pos_BxT, mask)
+        else:
+            for i, block in enumerate(self.blocks):
+                layer_cache = None if cache is None else (cache.k[i], cache.v[i])
+                x_BxTxD, layer_cache = block(x_BxTxD, pos_BxT, mask, layer_cache, index)
+                if cache is not None:
+                    new_k.append(layer_cache[0])
+                    new_v.append(layer_cache[1])
         h_BxTxD = self.ln_final(x_BxTxD)
         logits_BxTxV = self.logits(h_BxTxD) if logits else None
         if cache is not None:
