@@ -1,4 +1,7 @@
-"""The generic train step: exact gradient accumulation, skipped non-finite steps, bad batches."""
+"""The generic train step: exact gradient accumulation, skipped non-finite steps, bad batches, the
+compiled memory analysis logged before step 1."""
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +12,8 @@ from flax import nnx
 from ava_jax import sharding as shd
 from ava_jax.losses.lm import lm_loss
 from ava_jax.models import TQR
+from ava_jax.train.loop import IteratorBatches, LoopOptions, train_loop
+from ava_jax.train.metrics import MetricWriter
 from ava_jax.train.step import StepOptions, freeze, grads_and_metrics, init_train_state, make_train_step
 
 from conftest import tiny_config
@@ -125,3 +130,31 @@ def test_indivisible_batch_errors():
 class _FakeMesh:
     def __init__(self, shape):
         self.shape = shape
+
+
+def test_the_loop_logs_the_compiled_memory_before_step_1_and_compiles_once(caplog):
+    """Style point 10: the step is compiled before it first runs and XLA's memory analysis is logged;
+    the jitted call then reuses that executable (one backend compile of the step in the whole run)."""
+    mesh = shd.make_mesh()
+    batch = _batch()
+    graphdef, state = init_train_state(TQR(tiny_config("gpt2"), rngs=nnx.Rngs(1)), optax.adamw(3e-3), mesh)
+    param_mib = sum(x.nbytes for x in jax.tree.leaves(state.params)) / 2 ** 20
+    step = make_train_step(graphdef, lm_loss_fn, optax.adamw(3e-3), mesh, state, batch)
+    compiles = []
+
+    def on_event(event, _, **kw):
+        if event.endswith("backend_compile_duration"):
+            compiles.append(kw.get("fun_name"))
+
+    jax.monitoring.register_event_duration_secs_listener(on_event)
+    try:
+        with caplog.at_level(logging.INFO, logger="ava_jax.train.loop"):
+            state, _ = train_loop(step, state, IteratorBatches(iter([batch] * 3)), jax.random.key(0),
+                                  LoopOptions(num_steps=3, log_every=1, progress=False), writer=MetricWriter(None))
+    finally:
+        jax.monitoring.unregister_event_duration_listener(on_event)
+    assert int(state.step) == 3 and compiles.count("jit(step)") == 1, compiles
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("compiled train step")]
+    arguments = float(line.split("arguments ")[1].split(" MiB")[0].replace(",", ""))
+    assert arguments >= 3 * param_mib  # parameters and both AdamW moments at least
+    assert float(line.split("temporaries ")[1].split(" MiB")[0].replace(",", "")) > 0

@@ -100,6 +100,8 @@ def _loop(step_fn, state, batches, key, options, writer, checkpointer, eval_fn, 
                desc="train", unit="step")
     for step in range(start, options.num_steps):
         batch = batches.next_batch(state, step)
+        if step == start and hasattr(step_fn, "describe_compiled"):  # style point 10: before step 1
+            log.info("%s", step_fn.describe_compiled(state, batch, key))
         state, metrics = step_fn(state, batch, key)
         if prev is not None:  # the previous step's flag: dispatched one step ago, so this rarely waits
             _check_bad(prev, options)

@@ -191,7 +191,19 @@ class TrainStep:
         return self.jitted(state, batch, key, self.frozen.params, self.fixed)
 
     def lower(self, state, batch, key):
+        batch = shd.global_batch(batch, self.batch_shardings) if self.batch_shardings is not None else batch
         return self.jitted.lower(state, batch, key, self.frozen.params, self.fixed)
+
+    def describe_compiled(self, state, batch, key) -> str:
+        """Compiles the step for these arguments (the jitted call reuses the executable) and says what
+        XLA reserves per device: arguments, outputs (less what donation aliases), temporaries."""
+        mem = self.lower(state, batch, key).compile().memory_analysis()
+        if mem is None:
+            return "compiled train step (this backend gives no memory analysis)"
+        mib = lambda name: getattr(mem, name, 0) / 2 ** 20
+        return (f"compiled train step, per device: arguments {mib('argument_size_in_bytes'):,.1f} MiB, outputs "
+                f"{mib('output_size_in_bytes') - mib('alias_size_in_bytes'):,.1f} MiB beyond the donated ones, "
+                f"temporaries {mib('temp_size_in_bytes'):,.1f} MiB, code {mib('generated_code_size_in_bytes'):,.1f} MiB")
 
 
 def make_train_step(graphdef, loss_fn, optimizer: optax.GradientTransformation, mesh, state: TrainState,
