@@ -11,6 +11,7 @@ def test_verdict_decides_only_beyond_the_seed_spread():
     # A 1-point gap with a 3-point spread decides nothing.
     assert table1.verdict([0.70, 0.76, 0.73], [0.72, 0.69, 0.75], "a", "b")[0].startswith("not confirmed")
     assert table1.verdict([0.9], [0.1], "a", "b")[0].startswith("not decided")
+    assert table1.verdict([0.9, 0.8], [], "a", "b") == ("not decided (no seed finished)", "a: 2 seeds, b: 0 seeds finished")
 
 
 def _cell(acc, **extra):
@@ -128,6 +129,37 @@ def test_cell_cache_reruns_only_missing_or_changed_cells(tmp_path, monkeypatch):
     table1.cached_cell(bt, "synthetic", 1, {}, tiny=True, train_pairs=64, cache_dir=str(tmp_path))
     assert calls[4:] == [("BT", "synthetic", 1, (), 64)] and low.test == 0.51
     assert len(list(tmp_path.glob("table1_synthetic_BT_seed1_pairs64_*.json"))) == 1
+
+
+def test_a_diverged_run_is_kept_as_a_result_not_a_crash(tmp_path, monkeypatch):
+    """A reading whose loss goes non-finite ends its run with NonFiniteError: the cell is kept (so it
+    is not rerun), the table counts the diverged seeds on the row's label, shows the mean of the
+    others, and the claims use only the seeds that finished."""
+    from ava_jax.train.loop import NonFiniteError
+    seen = []
+
+    def fake_run(config):
+        seen.append(config.seed)
+        if config.seed == 1:
+            raise NonFiniteError("5 consecutive steps had a non-finite loss or gradient (steps [61, 62, 63, 64, 65])")
+        raise AssertionError("only seed 1 runs for real here")
+    monkeypatch.setattr(table1.reward_model, "run", fake_run)
+    row = next(r for r in table1.ROWS if r.name == "AVA-p w/o cer")
+    first = table1.cached_cell(row, "synthetic", 1, {}, tiny=True, cache_dir=str(tmp_path))
+    again = table1.cached_cell(row, "synthetic", 1, {}, tiny=True, cache_dir=str(tmp_path))
+    assert seen == [1] and np.isnan(first.test) and np.isnan(again.test) and first.diverged == again.diverged and "steps [61, 62, 63, 64, 65]" in again.diverged
+    cells = {"synthetic": {"AVA-p": [_cell(0.75 + 0.01 * s) for s in range(3)],
+                           "AVA-p w/o cer": [_cell(0.60), again, _cell(0.62)]}}
+    text = table1.format_table(cells, {"synthetic": {"Bayes ceiling": 0.8}}, (0, 1, 2), "cmd", 1.0, 256,
+                               {"accuracy": str(tmp_path / "t_accuracy.png")})
+    assert "| AVA-p w/o cer (diverged: 1 of 3 seeds; the rest shown) | 61.00 ± 1.41 |" in text
+    assert "| removing cer hurts | synthetic | confirmed | AVA-p 76.00 vs AVA-p w/o cer 61.00" in text
+    cells["synthetic"]["AVA-p w/o cer"] = [again]
+    assert "| AVA-p w/o cer (1 of 3 seeds) (diverged: 1 of 1 seeds; the rest shown) | - |" in table1.format_table(
+        cells, {"synthetic": {"Bayes ceiling": 0.8}}, (0, 1, 2), "cmd", 1.0, 256)
+    assert "| removing cer hurts | synthetic | not decided (no seed finished) |" in table1.format_table(
+        cells, {"synthetic": {"Bayes ceiling": 0.8}}, (0, 1, 2), "cmd", 1.0, 256)
+    assert table1.write_plots(cells, {"synthetic": {"Bayes ceiling": 0.8}}, str(tmp_path / "t"))
 
 
 def test_kept_only_tabulates_the_kept_cells_and_lists_the_missing(tmp_path, monkeypatch):

@@ -130,6 +130,9 @@ class Cell:
     # Rows with a sigma: the test split's reliability bins of Phi(dmu / sigma) ({mean_pred, freq,
     # count}: lists over 10 equal-width bins, symmetrised), pooled over seeds for the plot.
     reliability: dict = dataclasses.field(default_factory=dict)
+    # Why the run stopped before the end ("" when it finished): a reading whose loss goes non-finite
+    # is a result, kept with NaN accuracies and counted as diverged in the table.
+    diverged: str = ""
 
 
 def _both_eos_accuracy(result, eos_id: int) -> float:
@@ -145,7 +148,12 @@ def _both_eos_accuracy(result, eos_id: int) -> float:
 
 def run_cell(row: Row, dataset: str, seed: int, overrides: dict, *, tiny: bool, train_pairs: int = 0) -> Cell:
     """One training run; train_pairs > 0 cuts the training split to that many pairs (the low-data column)."""
-    result = reward_model.run(row_config(row, dataset, seed, overrides, tiny=tiny, train_pairs=train_pairs))
+    from ava_jax.train.loop import NonFiniteError
+    try:
+        result = reward_model.run(row_config(row, dataset, seed, overrides, tiny=tiny, train_pairs=train_pairs))
+    except NonFiniteError as e:
+        log.warning("table1: %s / %s / seed %d diverged: %s", dataset, row.name, seed, e)
+        return Cell(float("nan"), float("nan"), {}, {}, diverged=str(e))
     cell = Cell(result.metrics["test"]["accuracy"], result.metrics["validation"]["accuracy"], dict(result.extra),
                 dict(result.metrics["test"]))
     if dataset == "hh":
@@ -261,7 +269,8 @@ def _stats(values):
 
 def _ms(values, scale=100.0, digits=2) -> str:
     v = scale * np.asarray(values, np.float64)
-    if v.size == 0 or np.isnan(v).all():
+    v = v[np.isfinite(v)]  # a diverged seed has none (the row's label counts it)
+    if v.size == 0:
         return "-"
     m, s = _stats(v)
     return f"{m:.{digits}f} ± {s:.{digits}f}"
@@ -270,6 +279,8 @@ def _ms(values, scale=100.0, digits=2) -> str:
 def verdict(a, b, name_a: str, name_b: str) -> tuple[str, str]:
     """Is mean(a) > mean(b) beyond the seed spread? (difference > 2 standard errors of the difference)."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.size == 0 or b.size == 0:  # every seed of one side diverged
+        return "not decided (no seed finished)", f"{name_a}: {a.size} seeds, {name_b}: {b.size} seeds finished"
     if a.size < 2 or b.size < 2:
         return "not decided (one seed)", f"{name_a} {100 * a.mean():.2f} vs {name_b} {100 * b.mean():.2f}"
     d = a.mean() - b.mean()
@@ -308,6 +319,8 @@ def format_table(cells, refs, seeds, command: str, wall_s: float, low_data: int,
             out.append(f"| *{name}* | {100 * value:.2f} |" + " |" * (len(head) - 2))
         for name, cs in rows.items():
             label = name if len(cs) == len(seeds) else f"{name} ({len(cs)} of {len(seeds)} seeds)"
+            if n_div := sum(bool(c.diverged) for c in cs):
+                label += f" (diverged: {n_div} of {len(cs)} seeds; the rest shown)"
             line = [label, _ms([c.test for c in cs]), _ms([c.validation for c in cs])]
             if low_data:
                 line.append(_ms([c.low_data_test for c in cs]))
@@ -369,9 +382,10 @@ def write_plots(cells, refs, base: str) -> dict[str, str]:
     for ax, (ds, rows) in zip(axes, cells.items()):
         names = list(rows)[::-1]
         for y, name in enumerate(names):
-            acc = 100 * np.asarray([c.test for c in rows[name]])
-            ax.plot(acc, [y] * acc.size, "o", color="tab:blue", ms=3, alpha=0.6)
-            ax.plot([acc.mean()], [y], "|", color="k", ms=12, mew=2)
+            acc = 100 * np.asarray([c.test for c in rows[name] if not c.diverged])
+            if acc.size:  # a row whose every seed diverged keeps its tick, without points
+                ax.plot(acc, [y] * acc.size, "o", color="tab:blue", ms=3, alpha=0.6)
+                ax.plot([acc.mean()], [y], "|", color="k", ms=12, mew=2)
         for (name, value), style in zip(refs[ds].items(), ("-", "--", ":", "-.", (0, (1, 3)), (0, (5, 5)))):
             ax.axvline(100 * value, color="tab:red", ls=style, lw=1, label=name)
         ax.set_yticks(range(len(names)), names, fontsize=7)
@@ -408,9 +422,9 @@ def claims(cells) -> list[str]:
     out = ["## The paper's reward-modelling claims at this scale", "",
            "| claim | dataset | verdict | numbers (test %) |", "|---|---|---|---|"]
 
-    def acc(ds, row, field="test"):
+    def acc(ds, row, field="test"):  # the seeds that finished (a diverged run has no accuracy)
         return [getattr(c, field) if field != "prefix" else c.extra.get("test_prefix_accuracy", np.nan)
-                for c in cells[ds].get(row, [])]
+                for c in cells[ds].get(row, []) if not c.diverged]
     for ds in cells:
         if "AVA-p" not in cells[ds]:
             continue
