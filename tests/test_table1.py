@@ -190,6 +190,33 @@ def test_kept_only_tabulates_the_kept_cells_and_lists_the_missing(tmp_path, monk
         table1.main(["--kept-only", "--datasets", "synthetic"])
 
 
+def test_low_data_runs_only_for_the_compared_rows_by_default(tmp_path, monkeypatch):
+    """The low-data column is run for the rows its claims compare (BT, PT, AVA-p); an ablation gets
+    none unless asked (`low_data_rows=None`, `--low-data-rows all`), and is not listed as missing."""
+    monkeypatch.setattr(table1, "reference_rows", lambda ds, overrides, tiny: {"Bayes ceiling": 0.8})
+    ran = []
+
+    def fake_run_cell(row, dataset, seed, overrides, *, tiny, train_pairs=0):
+        ran.append((row.name, train_pairs))
+        return table1.Cell(test=0.6, validation=0.6, extra={}, test_metrics={})
+    monkeypatch.setattr(table1, "run_cell", fake_run_cell)
+    rows = tuple(r for r in table1.ROWS if r.name in ("BT", "AVA-p", "AVA-p w/o cer"))
+    cells, _, missing = table1.run_table(("synthetic",), (0,), rows, tiny=True, low_data=64,
+                                         cache_dir=str(tmp_path))
+    assert ran == [("BT", 0), ("BT", 64), ("AVA-p", 0), ("AVA-p", 64), ("AVA-p w/o cer", 0)] and missing == []
+    assert np.isnan(cells["synthetic"]["AVA-p w/o cer"][0].low_data_test)
+    # Asking for every row's low-data cell from the same cache: only the ablation's is missing.
+    _, _, missing = table1.run_table(("synthetic",), (0,), rows, tiny=True, low_data=64, low_data_rows=None,
+                                     cache_dir=str(tmp_path), kept_only=True)
+    assert missing == [("synthetic", "AVA-p w/o cer", 0, 64)]
+
+
+def test_unknown_low_data_row_is_an_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        table1.main(["--low-data-rows", "BT,AVA-q", "--datasets", "synthetic"])
+    assert e.value.code == 2 and "--low-data-rows: unknown rows ['AVA-q']" in capsys.readouterr().err
+
+
 def test_regenerating_keeps_the_reading_below_the_marker(tmp_path):
     out = tmp_path / "t1.md"
     table1.write_keeping_reading(str(out), "# table v1")

@@ -91,6 +91,9 @@ ABLATIONS = ("AVA-p w/o rwt", "AVA-p w/o neg", "AVA-p w/o irl", "AVA-p w/o cer",
 DATASETS = {"synthetic": "synthetic", "stories": "", "hh": "hh"}
 TINY = {"synthetic": "synthetic_tiny", "stories": "tiny", "hh": "hh_tiny"}
 GROUND_TRUTH = ("synthetic", "stories")
+# The rows with a low-data run by default: those the low-data claims compare (`--low-data-rows`).
+LOW_DATA_ROWS = ("BT", "PT", "AVA-p")
+
 # The config key that sets the number of training pairs, per dataset (for the low-data column).
 TRAIN_PAIRS_KEY = {"synthetic": "data.synthetic.num_examples", "stories": "data.stories.num_pairs",
                    "hh": "data.max_train_pairs"}
@@ -228,9 +231,13 @@ def cached_cell(row: Row, dataset: str, seed: int, overrides: dict, *, tiny: boo
 
 
 def run_table(datasets=("synthetic", "stories", "hh"), seeds=(0, 1, 2), rows=ROWS, overrides: dict | None = None,
-              *, tiny: bool = False, low_data: int = 256, cache_dir: str = "", kept_only: bool = False):
+              *, tiny: bool = False, low_data: int = 256, low_data_rows: tuple[str, ...] | None = LOW_DATA_ROWS,
+              cache_dir: str = "", kept_only: bool = False):
     """Runs every (dataset, row, seed); returns ({dataset: {row: [Cell]}}, {dataset: reference rows},
     [(dataset, row, seed, training pairs or 0) of each cell not run]).
+
+    low_data_rows: the rows that also get a run on `low_data` training pairs (None: every row). The
+    default is the rows the low-data claims compare; an ablation's low-data run would decide nothing.
 
     cache_dir: keep each cell there as it finishes and reuse kept ones (`--cache`; see `cell_path`).
     kept_only: run nothing, tabulate the kept cells (`--kept-only`: a table that several sessions fill);
@@ -249,7 +256,7 @@ def run_table(datasets=("synthetic", "stories", "hh"), seeds=(0, 1, 2), rows=ROW
                 if cell is None:
                     missing.append((ds, row.name, seed, 0))
                     continue
-                if low_data:
+                if low_data and (low_data_rows is None or row.name in low_data_rows):
                     small = cached_cell(row, ds, seed, overrides, tiny=tiny, train_pairs=low_data,
                                         cache_dir=cache_dir, kept_only=kept_only)
                     if small is None:
@@ -467,6 +474,8 @@ def main(argv=None):
     p.add_argument("--seeds", type=tables.int_list, default="0,1,2")
     p.add_argument("--rows", default="", help="comma-separated row names (default: all)")
     p.add_argument("--low-data", type=int, default=256, help="training pairs of the low-data column (0: skip)")
+    p.add_argument("--low-data-rows", default=",".join(LOW_DATA_ROWS),
+                   help="comma-separated rows that get the low-data run ('all': every row)")
     p.add_argument("--tiny", action="store_true", help="the datasets' tiny variants (a smoke test, not a result)")
     p.add_argument("--set", action="append", default=[], metavar="DATASET:KEY=VALUE",
                    help="override a config key for one dataset, e.g. hh:train.steps=150 (repeatable)")
@@ -484,6 +493,11 @@ def main(argv=None):
     if unknown:
         p.error(f"unknown rows {unknown}; known: {[r.name for r in ROWS]}")
     rows = tuple(r for r in ROWS if not names or r.name in names)
+    low_rows = None if args.low_data_rows.strip() == "all" else tuple(
+        r.strip() for r in re.split(r",(?![^()]*\))", args.low_data_rows) if r.strip())
+    unknown = sorted(set(low_rows or ()) - {r.name for r in ROWS})
+    if unknown:
+        p.error(f"--low-data-rows: unknown rows {unknown}; known: {[r.name for r in ROWS]}")
     datasets = tuple(args.datasets.split(","))
     if set(datasets) - set(DATASETS):
         p.error(f"--datasets: unknown {sorted(set(datasets) - set(DATASETS))}; known: {sorted(DATASETS)}")
@@ -496,7 +510,7 @@ def main(argv=None):
         overrides[ds][key] = _parse_value(value)
     t0 = time.perf_counter()
     cells, refs, missing = run_table(datasets, args.seeds, rows, overrides, tiny=args.tiny, low_data=args.low_data,
-                                     cache_dir=args.cache, kept_only=args.kept_only)
+                                     low_data_rows=low_rows, cache_dir=args.cache, kept_only=args.kept_only)
     plots = write_plots(cells, refs, os.path.splitext(args.out)[0]) if args.out else {}
     text = format_table(cells, refs, args.seeds, "python launch/table1.py " + shlex.join(sys.argv[1:] if argv is None else argv),
                         time.perf_counter() - t0, args.low_data, plots, missing)
