@@ -385,17 +385,22 @@ def write_plots(cells, refs, base: str) -> dict[str, str]:
     n = len(cells)
     fig = Figure(figsize=(6.0 * n, 0.32 * max(len(r) for r in cells.values()) + 2.4))
     FigureCanvasAgg(fig)
-    axes = np.atleast_1d(fig.subplots(1, n))  # own y axis each: the datasets may have different rows
-    for ax, (ds, rows) in zip(axes, cells.items()):
+    # Row names on the first panel only when every dataset has the same rows; else each its own.
+    same_rows = len({tuple(rows) for rows in cells.values()}) == 1
+    axes = np.atleast_1d(fig.subplots(1, n))
+    for i, (ax, (ds, rows)) in enumerate(zip(axes, cells.items())):
         names = list(rows)[::-1]
         for y, name in enumerate(names):
             acc = 100 * np.asarray([c.test for c in rows[name] if not c.diverged])
-            if acc.size:  # a row whose every seed diverged keeps its tick, without points
+            if acc.size:
                 ax.plot(acc, [y] * acc.size, "o", color="tab:blue", ms=3, alpha=0.6)
                 ax.plot([acc.mean()], [y], "|", color="k", ms=12, mew=2)
+            if acc.size < len(rows[name]):  # diverged seeds: said on the row, not silently absent
+                ax.annotate(f"diverged: {len(rows[name]) - acc.size} of {len(rows[name])}", (0.02, y),
+                            xycoords=("axes fraction", "data"), va="center", fontsize=6, color="tab:red")
         for (name, value), style in zip(refs[ds].items(), ("-", "--", ":", "-.", (0, (1, 3)), (0, (5, 5)))):
             ax.axvline(100 * value, color="tab:red", ls=style, lw=1, label=name)
-        ax.set_yticks(range(len(names)), names, fontsize=7)
+        ax.set_yticks(range(len(names)), names if i == 0 or not same_rows else [], fontsize=7)
         ax.set(xlabel="test accuracy (%)", title=ds)
         ax.grid(axis="x", alpha=0.3)
         # Below the panel, so no point hides behind it (the reference lines sit at the panels' edges).
