@@ -37,7 +37,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.workdir = ""  # run directory: checkpoints, metrics (empty: no files written)
     c.model = ml_collections.ConfigDict(dict(
         path="bundled:tinystories-260k",  # HF dir, llama2.c .bin (or its dir), .gguf file, or bundled:NAME
-        dtype="float32", param_dtype="float32", remat=False,
+        dtype="float32", param_dtype="float32",
+        remat=ml_collections.config_dict.placeholder(bool),  # None: on for CPU, off on accelerators
         attention="auto",  # auto | xla | blocked (ava_jax.models.attention)
         q_param="lm_logprobs", alpha=1.0, sigma_transform="softplus", reward_weighting="attention",
         weight_norm="mean", weight_heads="both", sigma_init=ml_collections.config_dict.placeholder(float),
@@ -131,7 +132,7 @@ def lora_config(c: ml_collections.ConfigDict):
 
 
 def scratch_model_config(s: ml_collections.ConfigDict, *, vocab_size: int | None, dtype: str, param_dtype: str,
-                         remat: bool, attention: str = "auto") -> ModelConfig:
+                         remat: bool | None, attention: str = "auto") -> ModelConfig:
     """The backbone for `model.path="scratch"` (e.g. the synthetic task), shaped by `model.scratch`."""
     return ModelConfig(arch=s.arch, vocab_size=vocab_size or s.vocab_size, d_model=s.d_model, n_layers=s.n_layers,
                        n_heads=s.n_heads, n_kv_heads=s.n_kv_heads, d_ff=s.d_ff, max_seq_len=s.max_seq_len,

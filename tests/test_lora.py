@@ -70,6 +70,21 @@ def test_a_rematerialised_backbone_is_adapted_like_the_layer_loop():
     assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads)) > 1e-4  # the check has teeth
 
 
+def test_adapters_on_some_blocks_run_the_loop_or_name_the_key():
+    """The scan needs every block alike: with adapters on block 0 only, the default (remat on, on
+    CPU) runs the layer loop and equals it; remat=True says why it cannot."""
+    targets = lora.LoraConfig(rank=4, targets=r"blocks/0/(attn|mlp)")
+    outs = []
+    for remat in (None, False):
+        adapted, _ = lora.apply(Transformer(tiny_config("llama", remat=remat), nnx.Rngs(0)), targets)
+        _randomise_b(adapted)
+        outs.append(np.asarray(adapted(TOKENS).logits))
+    np.testing.assert_array_equal(outs[0], outs[1])
+    adapted, _ = lora.apply(Transformer(tiny_config("llama", remat=True), nnx.Rngs(0)), targets)
+    with pytest.raises(errors.ConfigError, match="model.remat=True.*lora.targets"):
+        adapted(TOKENS)
+
+
 def test_adapters_round_trip_and_bad_files_name_the_tensor(tmp_path):
     base = Transformer(tiny_config("llama"), nnx.Rngs(0))
     cfg = lora.LoraConfig(rank=2, alpha=4.0)

@@ -120,7 +120,7 @@ def _grad_of_hidden_and_logits(cfg, tokens, mask):
 def test_remat_scan_equals_the_layer_loop(any_tiny_config):
     """model.remat runs the blocks as a checkpointed scan over stacked parameters: the same loss
     and parameter gradients as the Python loop over blocks, with left padding, to float32 rounding."""
-    cfg = dataclasses.replace(any_tiny_config, n_layers=3)
+    cfg = dataclasses.replace(any_tiny_config, n_layers=3, remat=False)
     tokens = _tokens(2, 9, cfg.vocab_size)
     mask = jnp.ones((2, 9), bool).at[1, :4].set(False)
     loss, grads = _grad_of_hidden_and_logits(cfg, tokens, mask)
@@ -131,6 +131,12 @@ def test_remat_scan_equals_the_layer_loop(any_tiny_config):
     scale = max(float(jnp.abs(g).max()) for g in leaves)  # some leaves' gradients are 0 up to rounding
     for g, g_r in zip(leaves, leaves_r):
         np.testing.assert_allclose(g_r, g, rtol=1e-4, atol=1e-6 * scale)
+
+
+def test_remat_default_is_on_for_cpu_only():
+    cfg = tiny_config("llama")
+    assert cfg.remat is None and cfg.remat_enabled() == (jax.default_backend() == "cpu")
+    assert not dataclasses.replace(cfg, remat=False).remat_enabled()
 
 
 def test_remat_keeps_only_each_layers_input():

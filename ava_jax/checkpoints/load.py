@@ -112,7 +112,7 @@ def _load_tokenizer(path: Path | None):
 
 
 def load_pretrained(path: str | os.PathLike, *, heads: HeadConfig | None = None, dtype: str = "float32",
-                    param_dtype: str = "float32", remat: bool = False, attention: str = "auto",
+                    param_dtype: str = "float32", remat: bool | None = None, attention: str = "auto",
                     rngs_seed: int = 0):
     """Loads a pretrained backbone into a TQR model.
 
@@ -122,7 +122,8 @@ def load_pretrained(path: str | os.PathLike, *, heads: HeadConfig | None = None,
         `stories*.bin` / `model.bin` (tokenizer: sibling `tok512.bin` or `tokenizer.bin`), or a
         llama-architecture `.gguf` file.
       heads: TQR head options (default HeadConfig()); heads are freshly initialised.
-      dtype: compute dtype. param_dtype: parameter dtype. remat: rematerialise blocks in backward.
+      dtype: compute dtype. param_dtype: parameter dtype. remat: rematerialise blocks in backward
+        (`ModelConfig.remat`; None: on for CPU, off on accelerators).
         attention: the attention kernel (`ModelConfig.attention`).
       rngs_seed: seed of `nnx.Rngs` for the heads.
 

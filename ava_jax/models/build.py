@@ -23,7 +23,7 @@ class BackboneSpec:
     scratch: ModelConfig | None = None
     dtype: str = "float32"
     param_dtype: str = "float32"
-    remat: bool = False
+    remat: bool | None = None
     attention: str = "auto"
 
     def __post_init__(self):

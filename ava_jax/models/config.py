@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+import jax
 import jax.numpy as jnp
 
 ARCHS = ("gpt2", "llama")
@@ -58,7 +59,9 @@ class ModelConfig:
     param_dtype: str = "float32"
     # Rematerialise each block in the backward pass: the blocks run as a checkpointed scan over their
     # stacked parameters (not with a KV cache), so only each layer's input is kept for the backward.
-    remat: bool = False
+    # None (auto): on for the CPU backend, where it is the faster step as well as the smaller one
+    # (docs/performance.md), off on accelerators, where the recomputation costs a third more FLOPs.
+    remat: bool | None = None
     # "auto": the query-blocked causal kernel on CPU, XLA's dot_product_attention elsewhere and with
     # a KV cache; "xla" / "blocked" force one (ava_jax.models.attention).
     attention: str = "auto"
@@ -75,6 +78,10 @@ class ModelConfig:
             raise ValueError(f"model.attention={self.attention!r}; expected one of {ATTENTION_IMPLS}")
         if self.head_dim is None:
             object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
+
+    def remat_enabled(self) -> bool:
+        """`remat` with None resolved for the backend this process computes on."""
+        return jax.default_backend() == "cpu" if self.remat is None else self.remat
 
     @property
     def jnp_dtype(self):

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ava_jax.errors import ConfigError
 from ava_jax.losses.vocab import DEFAULT_CHUNK, chunked_token_logprobs
 from ava_jax.models import attention as attn_lib
 from ava_jax.models.config import ModelConfig
@@ -169,19 +170,29 @@ class Block(nnx.Module):
         return x_BxTxD + self.mlp(self.ln_mlp(x_BxTxD)), layer_cache
 
 
-def _run_blocks_remat(blocks, x_BxTxD, pos_BxT, mask):
+def _stacked_blocks(blocks):
+    """(graphdef, parameters stacked over layers) when every block has the same graph, else None
+    (LoRA adapting only some blocks: `lora.targets`)."""
+    graphdef, first = nnx.split(blocks[0])
+    states = [first] + [nnx.state(b) for b in blocks[1:]]
+    if any(jax.tree.structure(s) != jax.tree.structure(first) for s in states[1:]):
+        return None
+    return graphdef, jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
+
+
+def _run_blocks_remat(graphdef, stacked, x_BxTxD, pos_BxT, mask):
     """The blocks as one `lax.scan` over their stacked parameters, each step checkpointed.
 
     Rematerialisation only saves memory when the recomputation cannot be scheduled next to the
     forward: XLA (on CPU at least, jax-ml/jax#19822) keeps every `jax.checkpoint`ed block's
     activations when the blocks are an unrolled Python loop, but a scan's backward loop has to
-    recompute each step's body, so only the [B, T, D] carry of every layer is kept. The blocks keep
-    their own parameter trees (checkpoint layout, LoRA adapters, sharding rules); they are stacked
-    here, per step, which costs one copy of the block parameters and of their gradients.
+    recompute each step's body, so only the [B, T, D] carry of every layer is kept. The loop body
+    is also a fusion boundary: unrolled, XLA:CPU fuses the residual stream's gradient through every
+    later layer into each layer's weight-gradient operands and recomputes it there, quadratic in
+    depth (docs/performance.md). The blocks keep their own parameter trees (checkpoint layout, LoRA
+    adapters, sharding rules); `_stacked_blocks` stacks them per step, which costs one copy of the
+    block parameters and of their gradients.
     """
-    graphdef, first = nnx.split(blocks[0])
-    states = [first] + [nnx.state(b) for b in blocks[1:]]
-    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
 
     @jax.checkpoint
     def step(x, state):
@@ -248,8 +259,12 @@ class Transformer(nnx.Module):
             x_BxTxD = x_BxTxD + jnp.take(self.pos_embed[...], pos_BxT, axis=0).astype(cfg.jnp_dtype)
 
         new_k, new_v = [], []
-        if cfg.remat and cache is None:
-            x_BxTxD = _run_blocks_remat(self.blocks, x_BxTxD, pos_BxT, mask)
+        stacked = _stacked_blocks(self.blocks) if cache is None and cfg.remat_enabled() else None
+        if stacked is None and cfg.remat and cache is None:
+            raise ConfigError("model.remat=True runs the blocks as one scan, which needs every block to have the "
+                             "same parameters; these differ (LoRA on some blocks only? see lora.targets)")
+        if stacked is not None:
+            x_BxTxD = _run_blocks_remat(*stacked, x_BxTxD, pos_BxT, mask)
         else:
             for i, block in enumerate(self.blocks):
                 layer_cache = None if cache is None else (cache.k[i], cache.v[i])
