@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 from ava_jax.models import HeadConfig, KVCache, TQR, Transformer
+from ava_jax.models.linear import weight_einsum
 from ava_jax.sampling import SamplingConfig, generate
 
 from conftest import tiny_config
@@ -131,6 +132,45 @@ def test_remat_scan_equals_the_layer_loop(any_tiny_config):
     scale = max(float(jnp.abs(g).max()) for g in leaves)  # some leaves' gradients are 0 up to rounding
     for g, g_r in zip(leaves, leaves_r):
         np.testing.assert_allclose(g_r, g, rtol=1e-4, atol=1e-6 * scale)
+
+
+@pytest.mark.parametrize("eq, x_shape, w_shape", [
+    ("btd,df->btf", (2, 5, 6), (6, 7)),           # MLP up / gate
+    ("btd,dnh->btnh", (2, 5, 6), (6, 3, 4)),      # q, k, v
+    ("btnh,nhd->btd", (2, 5, 3, 4), (3, 4, 6)),   # attention output
+])
+def test_weight_einsum_values_and_gradients_match_float64_numpy(eq, x_shape, w_shape):
+    """models.linear.weight_einsum's custom VJP (x^T g for the weight) against the matrix formulas
+    in float64: every projection is [M, K] x [K, P] once its axes are flattened."""
+    rng = np.random.default_rng(0)
+    X, W = rng.standard_normal(x_shape), rng.standard_normal(w_shape)
+    M = x_shape[0] * x_shape[1]
+    x2, w2 = X.reshape(M, -1), W.reshape(X.reshape(M, -1).shape[1], -1)
+    C = rng.standard_normal((M, w2.shape[1]))
+    y, vjp = jax.vjp(lambda x, w: weight_einsum(eq, x, w), jnp.asarray(X, jnp.float32), jnp.asarray(W, jnp.float32))
+    dx, dw = vjp(jnp.asarray(C.reshape(y.shape), jnp.float32))
+    np.testing.assert_allclose(np.asarray(y).reshape(M, -1), x2 @ w2, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(dx).reshape(M, -1), C @ w2.T, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(dw).reshape(w2.shape), x2.T @ C, rtol=1e-5, atol=1e-5)
+
+
+def test_weight_einsum_steps_aside_for_an_einsum_interceptor(monkeypatch):
+    """While qwix intercepts jnp.einsum (a LoRA-adapted model runs), weight_einsum must call it, or
+    the adapters would never see their projection."""
+    from ava_jax.models import linear
+    calls = []
+    original = jnp.einsum
+
+    def intercepted(eq, *ops, **kw):
+        calls.append(eq)
+        return original(eq, *ops, **kw)
+
+    x, w = jnp.ones((1, 2, 3)), jnp.ones((3, 4))
+    linear.weight_einsum("btd,df->btf", x, w)
+    assert calls == []
+    monkeypatch.setattr(jnp, "einsum", intercepted)
+    np.testing.assert_allclose(linear.weight_einsum("btd,df->btf", x, w), 3.0)
+    assert calls == ["btd,df->btf"]
 
 
 def test_remat_default_is_on_for_cpu_only():

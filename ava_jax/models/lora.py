@@ -6,9 +6,11 @@
 intercepts every `jnp.einsum` whose right operand is a weight of a module matching `targets` and
 adds `alpha / rank * x A B`, with A ~ He-uniform and B = 0, so the adapted model starts exactly at
 the base. qwix fits this model as it is: every projection is one einsum with the weight on the
-right (`models.transformer`), the adapters are `nnx.LoRAParam`s beside their weights
-(`wq_lora_a`, `wq_lora_b`, ...), and the adapted module is an NNX module like any other, so the
-functional pattern (split, jit, merge) and the KV-cache sampler run it unchanged.
+right (`models.transformer`; `models.linear.weight_einsum` hands that einsum to qwix unchanged
+while it intercepts, and adds its faster weight gradient only when no adapters listen), the
+adapters are `nnx.LoRAParam`s beside their weights (`wq_lora_a`, `wq_lora_b`, ...), and the
+adapted module is an NNX module like any other, so the functional pattern (split, jit, merge) and
+the KV-cache sampler run it unchanged.
 
 What a LoRA run trains (`trainable`): the adapters and every parameter outside the backbone (reward,
 Q and value heads, a separate critic). The base weights are the fixed part of the train state:

@@ -17,6 +17,7 @@ from ava_jax.errors import ConfigError
 from ava_jax.losses.vocab import DEFAULT_CHUNK, chunked_token_logprobs
 from ava_jax.models import attention as attn_lib
 from ava_jax.models.config import ModelConfig
+from ava_jax.models.linear import weight_einsum
 from ava_jax.models.rope import apply_rope, inv_frequencies
 
 
@@ -103,7 +104,7 @@ class Attention(nnx.Module):
         cfg, dt = self.cfg, self.cfg.jnp_dtype
 
         def proj(w, b):
-            y = jnp.einsum("btd,dnh->btnh", x_BxTxD, w[...].astype(dt))
+            y = weight_einsum("btd,dnh->btnh", x_BxTxD, w[...].astype(dt))
             return y if b is None else y + b[...].astype(dt)
 
         q_BxTxNxH = proj(self.wq, self.bq)
@@ -126,7 +127,7 @@ class Attention(nnx.Module):
             # XLA's fused attention handles grouped-query heads (K divides N) without repeating K/V.
             out_BxTxNxH = jax.nn.dot_product_attention(
                 q_BxTxNxH, k_BxSxKxH.astype(dt), v_BxSxKxH.astype(dt), mask=mask[:, None], scale=scale)
-        y = jnp.einsum("btnh,nhd->btd", out_BxTxNxH, self.wo[...].astype(dt))
+        y = weight_einsum("btnh,nhd->btd", out_BxTxNxH, self.wo[...].astype(dt))
         if self.bo is not None:
             y = y + self.bo[...].astype(dt)
         return y, layer_cache
@@ -145,10 +146,10 @@ class MLP(nnx.Module):
 
     def __call__(self, x_BxTxD):
         dt = self.cfg.jnp_dtype
-        # jnp.einsum, as in Attention: every weight product is one einsum with the weight on the right,
-        # which is what LoRA adapters (models.lora, through qwix) attach to.
-        up = lambda x, w: jnp.einsum("btd,df->btf", x, w[...].astype(dt))
-        down = lambda h, w: jnp.einsum("btf,fd->btd", h, w[...].astype(dt))
+        # As in Attention: every weight product is one einsum with the weight on the right, which is
+        # what LoRA adapters (models.lora, through qwix) attach to; `weight_einsum` steps aside for them.
+        up = lambda x, w: weight_einsum("btd,df->btf", x, w[...].astype(dt))
+        down = lambda h, w: weight_einsum("btf,fd->btd", h, w[...].astype(dt))
         if self.cfg.arch == "gpt2":
             h_BxTxF = up(x_BxTxD, self.w_fc) + self.b_fc[...].astype(dt)
             h_BxTxF = jax.nn.gelu(h_BxTxF, approximate=True)  # GPT-2's "gelu_new"
