@@ -157,7 +157,6 @@ def test_weight_einsum_values_and_gradients_match_float64_numpy(eq, x_shape, w_s
 def test_weight_einsum_steps_aside_for_an_einsum_interceptor(monkeypatch):
     """While qwix intercepts jnp.einsum (a LoRA-adapted model runs), weight_einsum must call it, or
     the adapters would never see their projection."""
-    from ava_jax.models import linear
     calls = []
     original = jnp.einsum
 
@@ -166,10 +165,10 @@ def test_weight_einsum_steps_aside_for_an_einsum_interceptor(monkeypatch):
         return original(eq, *ops, **kw)
 
     x, w = jnp.ones((1, 2, 3)), jnp.ones((3, 4))
-    linear.weight_einsum("btd,df->btf", x, w)
+    weight_einsum("btd,df->btf", x, w)
     assert calls == []
     monkeypatch.setattr(jnp, "einsum", intercepted)
-    np.testing.assert_allclose(linear.weight_einsum("btd,df->btf", x, w), 3.0)
+    np.testing.assert_allclose(weight_einsum("btd,df->btf", x, w), 3.0)
     assert calls == ["btd,df->btf"]
 
 
