@@ -34,7 +34,7 @@ from flax import nnx
 from ava_jax import sharding as shd
 from ava_jax.checkpoints.load import load_pretrained
 from ava_jax.config import BUNDLED
-from ava_jax.losses.lm import masked_nll
+from ava_jax.losses.lm import nll_loss
 from ava_jax.models import ModelConfig, TQR, param_count
 from ava_jax.sampling import SamplingConfig, generate
 from ava_jax.train.step import init_train_state, make_train_step
@@ -107,9 +107,10 @@ def build(name: str, dtype, remat: bool | None = None) -> TQR | None:
 
 
 def lm_loss_fn(m, batch, rng, frozen):
-    """The LM loss in vocabulary chunks: no [B, T, V] logits."""
+    """The LM loss (the SFT objective's path): no [B, T, V] logits, its gradient formed in the forward."""
     h = m.backbone(batch["tokens"], logits=False).hidden
-    return masked_nll(m.backbone.token_logprobs(h, batch["tokens"]), batch["mask"])
+    target_BxN = batch["mask"][:, 1:].astype(bool)
+    return nll_loss(m.backbone.token_nll(h, batch["tokens"], target_BxN), jnp.sum(target_BxN, dtype=jnp.float32))
 
 
 def lm_train_step(model: TQR, batch):

@@ -10,7 +10,7 @@ from flax import nnx
 from ava_jax import objectives
 from ava_jax import sharding as shd
 from ava_jax.losses.lm import token_logprobs
-from ava_jax.losses.policy import DpoConfig
+from ava_jax.losses.policy import DpoConfig, sft_loss
 from ava_jax.models import TQR
 from ava_jax.models.positions import token_positions
 from ava_jax.train.step import freeze, init_train_state, make_train_step
@@ -65,6 +65,27 @@ def test_sft_is_the_response_nll_of_the_full_logits():
     counted = real[:, :-1] & real[:, 1:] & np.asarray(response, bool)[:, 1:]
     assert float(m["loss"][1]) == counted.sum() > 0
     np.testing.assert_allclose(float(loss), -logp[counted].mean(), rtol=1e-5)
+
+
+def test_sft_gradients_equal_those_of_the_full_logits():
+    """SFT's fused NLL (gradient formed in the forward) against autodiff through [B, T, V] logits."""
+    model = TQR(tiny_config("llama"), rngs=nnx.Rngs(2))
+    batch = _pairs(seed=4)
+    side = batch["chosen"]
+    graphdef, params = nnx.split(model, nnx.Param)
+    sft = objectives.get("sft").loss_fn()
+
+    def full(p):
+        m = nnx.merge(graphdef, p)
+        response, _ = token_positions(side["tokens_BxT"], side["mask_BxT"], side["prompt_len_B"])
+        logp = token_logprobs(m(side["tokens_BxT"], side["mask_BxT"]).logits, side["tokens_BxT"])
+        return sft_loss(logp, response, side["mask_BxT"])[0]
+
+    (l_ref, g_ref), (l_new, g_new) = (jax.value_and_grad(f)(params) for f in
+                                      (full, lambda p: sft(nnx.merge(graphdef, p), batch, None, {})[0]))
+    np.testing.assert_allclose(float(l_new), float(l_ref), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(g_new), jax.tree.leaves(g_ref)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
 
 
 def test_dpo_train_step_moves_the_policy_and_leaves_the_reference():

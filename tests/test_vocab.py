@@ -1,12 +1,13 @@
-"""Chunked-vocabulary token log-probs: values and gradients against float64 NumPy, and no [N, V] tensor."""
+"""Chunked-vocabulary token log-probs and weighted NLL: values and gradients against float64 NumPy, and no
+[N, V] tensor."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from ava_jax.losses.lm import lm_loss, masked_nll, token_logprobs
-from ava_jax.losses.vocab import chunked_token_logprobs
+from ava_jax.losses.lm import lm_loss, masked_nll, nll_loss, token_logprobs
+from ava_jax.losses.vocab import _position_chunks, chunked_token_logprobs, chunked_weighted_nll
 from ava_jax.models import Transformer
 
 from conftest import tiny_config
@@ -110,3 +111,69 @@ def test_scaled_log_sum_exps_and_their_scale_gradients_match_float64():
     np.testing.assert_allclose(np.asarray(ds), g_lse * np.einsum("nkv,nv->nk", p, z), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(np.asarray(dh), dz @ w.astype(np.float64), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(np.asarray(dw), dz.T @ h.astype(np.float64), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("vocab_major,V,chunk,T", [(True, 97, 32, 7), (False, 97, 32, 7), (True, 64, 64, 5),
+                                                   (False, 50, 7, 9), (True, 30, 1000, 4)])
+def test_weighted_nll_and_its_forward_gradients_match_float64(vocab_major, V, chunk, T):
+    """chunked_weighted_nll: sum(weights * -logp), and d/dh, d/dw formed in the forward then scaled by the
+    cotangent, against NumPy; position chunks that do not divide T (padding) and zero weights included."""
+    B, D = 3, 16
+    rng = np.random.default_rng(4)
+    h = rng.normal(size=(B, T, D)).astype(np.float32)
+    w = (rng.normal(size=(V, D) if vocab_major else (D, V)) * 0.7).astype(np.float32)
+    y = rng.integers(0, V, (B, T)).astype(np.int32)
+    wt = (rng.uniform(size=(B, T)) * (rng.uniform(size=(B, T)) > 0.3)).astype(np.float32)
+    scale = 1.7  # the cotangent reaching the scalar: d(scale * nll)
+
+    def f(h, w):
+        return scale * chunked_weighted_nll(h, w, jnp.asarray(y), jnp.asarray(wt), vocab_major=vocab_major,
+                                            chunk=chunk)
+
+    value, (dh, dw) = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(h, w)
+    logp, ref_dh, ref_dw = _numpy(h.reshape(B * T, D), w, y.reshape(-1), -scale * wt.reshape(-1), vocab_major)
+    np.testing.assert_allclose(float(value), -scale * np.sum(wt.reshape(-1) * logp), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(dh).reshape(B * T, D), ref_dh, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(dw), ref_dw, rtol=1e-5, atol=1e-5)
+    # Without a gradient the value is the same (the primal path runs no gradient products).
+    np.testing.assert_allclose(float(jax.jit(f)(h, w)), float(value), rtol=1e-6)
+
+
+def test_weighted_nll_weights_get_no_gradient_and_no_full_vocabulary_tensor():
+    B, T, D, V, chunk = 2, 32, 16, 1000, 128
+    h, w = jnp.ones((B, T, D)), jnp.ones((V, D))
+    y = jnp.zeros((B, T), jnp.int32)
+
+    def loss(h, w, wt):
+        return chunked_weighted_nll(h, w, y, wt, vocab_major=True, chunk=chunk)
+
+    assert float(jnp.max(jnp.abs(jax.grad(loss, argnums=2)(h, w, jnp.ones((B, T)))))) == 0.0
+    hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(h, w, jnp.ones((B, T))).compile().as_text()
+    Tc = _position_chunks(T, V, chunk)[0]
+    assert f"f32[{B},{Tc},{V}]" in hlo  # the position chunks' logits are there (the check can see shapes)
+    assert f"f32[{B},{T},{V}]" not in hlo and f"f32[{B * T},{V}]" not in hlo
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_backbone_token_nll_equals_the_log_prob_path(tie):
+    """Transformer.token_nll: loss and every parameter gradient equal masked_nll over token_logprobs."""
+    cfg = tiny_config("llama", tie_embeddings=tie)
+    model = Transformer(cfg, nnx.Rngs(0))
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 11)), jnp.int32)
+    mask = jnp.asarray(np.arange(11)[None] < np.array([[11], [7]]))
+    graphdef, params = nnx.split(model, nnx.Param)
+
+    def via_logprobs(p):
+        m = nnx.merge(graphdef, p)
+        return masked_nll(m.token_logprobs(m(tokens, mask, logits=False).hidden, tokens), mask)[0]
+
+    def via_nll(p):
+        m = nnx.merge(graphdef, p)
+        target = mask[:, 1:]
+        return nll_loss(m.token_nll(m(tokens, mask, logits=False).hidden, tokens, target, chunk=40),
+                        jnp.sum(target, dtype=jnp.float32))[0]
+
+    (l_ref, g_ref), (l_new, g_new) = (jax.jit(jax.value_and_grad(f))(params) for f in (via_logprobs, via_nll))
+    np.testing.assert_allclose(float(l_new), float(l_ref), rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g_new), jax.tree.leaves(g_ref)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)

@@ -26,7 +26,10 @@ def masked_nll(logp_BxT1: jax.Array, loss_mask_BxT: jax.Array):
     """(loss, metrics) of next-token log-probs [B, T-1] (from `token_logprobs` or the chunked
     `Transformer.token_logprobs`) where `loss_mask` [B, T] is 1; the first token is never a target."""
     m_BxT1 = loss_mask_BxT[:, 1:].astype(bool)
-    nll_sum = -jnp.sum(jnp.where(m_BxT1, logp_BxT1, 0.0))
-    count = jnp.sum(m_BxT1).astype(jnp.float32)
-    loss = nll_sum / jnp.maximum(count, 1.0)
-    return loss, {"loss": (nll_sum, count)}
+    return nll_loss(-jnp.sum(jnp.where(m_BxT1, logp_BxT1, 0.0)), jnp.sum(m_BxT1).astype(jnp.float32))
+
+
+def nll_loss(nll_sum: jax.Array, count: jax.Array):
+    """(loss, metrics) from the summed NLL of the target tokens and their number (`masked_nll`, or
+    `Transformer.token_nll` with the shifted loss mask as weights, which skips a recompute)."""
+    return nll_sum / jnp.maximum(count, 1.0), {"loss": (nll_sum, count)}

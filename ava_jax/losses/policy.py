@@ -89,7 +89,12 @@ def _f32(x):
 def sft_loss(logp_BxN: jax.Array, response_BxT: jax.Array, mask_BxT: jax.Array):
     """SFT: mean negative log-likelihood over response tokens (normaliser: their number)."""
     total_B, count_B = sequence_logprobs(logp_BxN, response_BxT, mask_BxT)
-    nll, count = -jnp.sum(total_B), jnp.sum(count_B)
+    return sft_loss_terms(-jnp.sum(total_B), jnp.sum(count_B))
+
+
+def sft_loss_terms(nll: jax.Array, count: jax.Array):
+    """SFT's (loss, metrics) from the summed response-token NLL and the number of those tokens (what
+    `Transformer.token_nll` gives with `response_transitions` as the weights)."""
     return nll / jnp.maximum(count, 1.0), {"loss": (_f32(nll), _f32(count)),
                                            "logps/response": (_f32(-nll), _f32(count))}
 

@@ -6,10 +6,15 @@ recomputes each chunk's logits, forms softmax(z) - onehot(y) for that chunk only
 dh and the chunk's rows of dW. Peak memory is O(N * chunk) instead of O(N * V) for the logits, their
 log-softmax and its gradient; the price is one extra h W product in the backward (the recompute).
 
-Used by the LM losses (SFT, DPO log-probs, the AVA LM-likelihood metric) through
+Used by the LM losses (DPO log-probs, the AVA LM-likelihood metric) through
 `Transformer.token_logprobs`. The chunks are a `lax.scan` over equal slices of W (the last one moved
 back to end at V, its overlap masked), so XLA runs them one at a time, compiles one loop body
 whatever V, and never copies W into a padded matrix.
+
+`chunked_weighted_nll` is the cheaper path for a loss that is a fixed weighted sum of token NLLs (the
+LM loss, SFT): its gradient is known up to one scalar in the forward, so the forward forms dh and dW
+chunk by chunk (chunks of positions, each over the whole vocabulary) and the backward only scales
+them, three products of h and W instead of four (the fused linear cross-entropy of Liger-Kernel).
 """
 from __future__ import annotations
 
@@ -146,3 +151,87 @@ def chunked_token_logprobs(h_BxTxD: jax.Array, w: jax.Array, targets_BxT: jax.Ar
     picked_BxT, lse_BxTx1 = chunked_logit_stats(h_BxTxD, w, targets_BxT, ones_BxTx1, vocab_major=vocab_major,
                                                 chunk=chunk)
     return picked_BxT - lse_BxTx1[..., 0]
+
+
+def _position_chunks(T: int, V: int, chunk: int):
+    """(positions per chunk Tc, number of chunks M): ceil(V / chunk) chunks, so each chunk's
+    [B, Tc, V] logits hold about B T chunk elements, as many as `_stats`' [N, chunk] pieces; the last
+    M Tc - T positions are padding."""
+    M = max(1, min(-(-V // min(chunk, V)), T))
+    return -(-T // M), M
+
+
+def _nll_chunks(h_BxTxD, w, targets_BxT, weights_BxT, chunk, vocab_major, grads: bool):
+    """sum of weights * (lse - z_y), chunked over positions; with `grads`, also d/dh and d/dw of it."""
+    B, T, D = h_BxTxD.shape
+    V = w.shape[0] if vocab_major else w.shape[1]
+    Tc, M = _position_chunks(T, V, chunk)
+    pad = M * Tc - T  # padded positions get weight 0: no loss, no gradient
+
+    def chunks(x):  # [B, T, ...] -> [M, B, Tc, ...]; the batch axis stays where sharding put it
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+        return jnp.moveaxis(x.reshape((B, M, Tc) + x.shape[2:]), 1, 0)
+
+    z_spec, dh_spec, dw_spec = (("btd,vd->btv", "btv,vd->btd", "btv,btd->vd") if vocab_major
+                                else ("btd,dv->btv", "btv,dv->btd", "btv,btd->dv"))
+
+    def body(dw, xs):
+        h, y, wt = xs
+        z = jnp.einsum(z_spec, h, w, preferred_element_type=jnp.float32)
+        lse = jax.nn.logsumexp(z, axis=-1)
+        hit = jnp.arange(V) == y[..., None]
+        nll = jnp.sum(wt * (lse - jnp.sum(jnp.where(hit, z, 0.0), axis=-1)))
+        if not grads:
+            return dw, (nll, None)
+        dz = (wt[..., None] * (jnp.exp(z - lse[..., None]) - hit)).astype(h.dtype)
+        dh = jnp.einsum(dh_spec, dz, w, preferred_element_type=jnp.float32)
+        return dw + jnp.einsum(dw_spec, dz, h, preferred_element_type=jnp.float32), (nll, dh)
+
+    xs = (chunks(h_BxTxD), chunks(targets_BxT), chunks(weights_BxT))
+    dw, (nll_M, dh) = jax.lax.scan(body, jnp.zeros(w.shape, jnp.float32) if grads else None, xs)
+    if not grads:
+        return jnp.sum(nll_M)
+    dh_BxTxD = jnp.moveaxis(dh, 0, 1).reshape(B, M * Tc, D)[:, :T]
+    return jnp.sum(nll_M), dh_BxTxD.astype(h_BxTxD.dtype), dw.astype(w.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _weighted_nll(h_BxTxD, w, targets_BxT, weights_BxT, chunk, vocab_major):
+    return _nll_chunks(h_BxTxD, w, targets_BxT, weights_BxT, chunk, vocab_major, grads=False)
+
+
+def _weighted_nll_fwd(h_BxTxD, w, targets_BxT, weights_BxT, chunk, vocab_major):
+    nll, dh, dw = _nll_chunks(h_BxTxD, w, targets_BxT, weights_BxT, chunk, vocab_major, grads=True)
+    return nll, (dh, dw)  # the gradients of the sum, kept in the inputs' dtypes until the cotangent comes
+
+
+def _weighted_nll_bwd(chunk, vocab_major, res, g):
+    dh, dw = res
+    scale = lambda x: (g.astype(jnp.float32) * x.astype(jnp.float32)).astype(x.dtype)
+    return scale(dh), scale(dw), None, None
+
+
+_weighted_nll.defvjp(_weighted_nll_fwd, _weighted_nll_bwd)
+
+
+def chunked_weighted_nll(h_BxTxD: jax.Array, w: jax.Array, targets_BxT: jax.Array, weights_BxT: jax.Array, *,
+                         vocab_major: bool, chunk: int = DEFAULT_CHUNK) -> jax.Array:
+    """sum_{b,t} weights[b, t] * -log softmax(h W)[b, t, targets[b, t]], a float32 scalar, without
+    materialising [B, T, V] and without `chunked_token_logprobs`' recompute.
+
+    The weights are constants: they get no gradient (pass the loss mask divided by its count, or
+    the mask, and divide afterwards). Gradients w.r.t. h and w are formed in the forward pass, so
+    differentiating this costs one h W product less than differentiating the token log-probs;
+    evaluating it without a gradient costs the one forward product. Chunks are ranges of positions
+    (the batch axis is kept whole, so data-parallel sharding is untouched), each over the whole
+    vocabulary, sized to hold about as many logits as `chunked_token_logprobs`' chunks.
+
+    Args:
+      h_BxTxD: hidden states (after the final norm), in the compute dtype.
+      w: the output matrix, [V, D] when `vocab_major` (tied embeddings) or [D, V] (an untied head).
+      targets_BxT: int32 token ids in [0, V).
+      weights_BxT: per-position weights (0 where a position is not a target).
+      chunk: the logits per chunk are about B * T * chunk.
+    """
+    weights = jax.lax.stop_gradient(weights_BxT).astype(jnp.float32)
+    return _weighted_nll(h_BxTxD, w, targets_BxT.astype(jnp.int32), weights, int(chunk), bool(vocab_major))

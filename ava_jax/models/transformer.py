@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ava_jax.errors import ConfigError
-from ava_jax.losses.vocab import DEFAULT_CHUNK, chunked_token_logprobs
+from ava_jax.losses.vocab import DEFAULT_CHUNK, chunked_token_logprobs, chunked_weighted_nll
 from ava_jax.models import attention as attn_lib
 from ava_jax.models.config import ModelConfig
 from ava_jax.models.linear import weight_einsum
@@ -305,6 +305,17 @@ class Transformer(nnx.Module):
         w, vocab_major = self.output_matrix()
         return chunked_token_logprobs(h_BxTxD[:, :-1].astype(self.cfg.jnp_dtype), w, tokens_BxT[:, 1:],
                                       vocab_major=vocab_major, chunk=chunk)
+
+    def token_nll(self, h_BxTxD, tokens_BxT, weights_BxT1, chunk: int = DEFAULT_CHUNK):
+        """sum_t weights_t * -log p(y_{t+1} | y_<=t) over t = 0..T-2, a float32 scalar.
+
+        Equal to `-sum(weights * token_logprobs(h, tokens))` for constant weights [B, T-1] (they get no
+        gradient), with one h W product fewer in its gradient (`losses.vocab.chunked_weighted_nll`):
+        the path for the LM and SFT losses, whose per-token weights are known before the forward.
+        """
+        w, vocab_major = self.output_matrix()
+        return chunked_weighted_nll(h_BxTxD[:, :-1].astype(self.cfg.jnp_dtype), w, tokens_BxT[:, 1:], weights_BxT1,
+                                    vocab_major=vocab_major, chunk=chunk)
 
 
 def param_count(model: nnx.Module) -> int:

@@ -8,8 +8,10 @@ model (`frozen["reference"]`, online); `reference_free` needs neither.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
-from ava_jax.losses.policy import DpoConfig, SftConfig, dpo_loss, sequence_logprobs, sft_loss
+from ava_jax.losses.policy import (DpoConfig, SftConfig, dpo_loss, response_transitions, sequence_logprobs,
+                                 sft_loss_terms)
 from ava_jax.models.positions import token_positions
 from ava_jax.objectives.forward import split_rows, stacked
 from ava_jax.objectives.registry import Objective, register
@@ -46,7 +48,10 @@ def make_sft_loss(cfg: SftConfig):
         lm = backbone_of(model)
         h = lm(side["tokens_BxT"], side["mask_BxT"], logits=False).hidden
         response_BxT, _ = token_positions(side["tokens_BxT"], side["mask_BxT"], side["prompt_len_B"])
-        return sft_loss(lm.token_logprobs(h, side["tokens_BxT"]), response_BxT, side["mask_BxT"])
+        target_BxN = response_transitions(response_BxT, side["mask_BxT"])
+        # One scalar of fixed per-token weights: its gradient is formed in the forward (no recompute).
+        nll = lm.token_nll(h, side["tokens_BxT"], target_BxN)
+        return sft_loss_terms(nll, jnp.sum(target_BxN, dtype=jnp.float32))
     return loss_fn
 
 
