@@ -168,12 +168,14 @@ def _nll_chunks(h_BxTxD, w, targets_BxT, weights_BxT, chunk, vocab_major, grads:
     Tc, M = _position_chunks(T, V, chunk)
     pad = M * Tc - T  # padded positions get weight 0: no loss, no gradient
 
-    def chunks(x):  # [B, T, ...] -> [M, B, Tc, ...]; the batch axis stays where sharding put it
+    def chunks(x):  # [B, T, ...] -> [M, B Tc, ...]: batch-major rows, so data-parallel sharding carries over
         x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-        return jnp.moveaxis(x.reshape((B, M, Tc) + x.shape[2:]), 1, 0)
+        return jnp.moveaxis(x.reshape((B, M, Tc) + x.shape[2:]), 1, 0).reshape((M, B * Tc) + x.shape[2:])
 
-    z_spec, dh_spec, dw_spec = (("btd,vd->btv", "btv,vd->btd", "btv,btd->vd") if vocab_major
-                                else ("btd,dv->btv", "btv,dv->btd", "btv,btd->dv"))
+    # Rows flattened: plain [rows, D] x [D, V] products (a [B, Tc] pair of free axes costs XLA:CPU layout
+    # copies of each [B, Tc, V] chunk, and the SmolLM2-shape head lost its gain to them).
+    z_spec, dh_spec, dw_spec = (("nd,vd->nv", "nv,vd->nd", "nv,nd->vd") if vocab_major
+                                else ("nd,dv->nv", "nv,dv->nd", "nv,nd->dv"))
 
     def body(dw, xs):
         h, y, wt = xs
@@ -191,7 +193,7 @@ def _nll_chunks(h_BxTxD, w, targets_BxT, weights_BxT, chunk, vocab_major, grads:
     dw, (nll_M, dh) = jax.lax.scan(body, jnp.zeros(w.shape, jnp.float32) if grads else None, xs)
     if not grads:
         return jnp.sum(nll_M)
-    dh_BxTxD = jnp.moveaxis(dh, 0, 1).reshape(B, M * Tc, D)[:, :T]
+    dh_BxTxD = jnp.moveaxis(dh.reshape(M, B, Tc, D), 0, 1).reshape(B, M * Tc, D)[:, :T]
     return jnp.sum(nll_M), dh_BxTxD.astype(h_BxTxD.dtype), dw.astype(w.dtype)
 
 
