@@ -155,7 +155,7 @@ def chunked_token_logprobs(h_BxTxD: jax.Array, w: jax.Array, targets_BxT: jax.Ar
 
 def _position_chunks(T: int, V: int, chunk: int):
     """(positions per chunk Tc, number of chunks M): ceil(V / chunk) chunks, so each chunk's
-    [B, Tc, V] logits hold about B T chunk elements, as many as `_stats`' [N, chunk] pieces; the last
+    [B Tc, V] logits hold about B T chunk elements, as many as `_stats`' [N, chunk] pieces; the last
     M Tc - T positions are padding."""
     M = max(1, min(-(-V // min(chunk, V)), T))
     return -(-T // M), M
@@ -225,8 +225,8 @@ def chunked_weighted_nll(h_BxTxD: jax.Array, w: jax.Array, targets_BxT: jax.Arra
     the mask, and divide afterwards). Gradients w.r.t. h and w are formed in the forward pass, so
     differentiating this costs one h W product less than differentiating the token log-probs;
     evaluating it without a gradient costs the one forward product. Chunks are ranges of positions
-    (the batch axis is kept whole, so data-parallel sharding is untouched), each over the whole
-    vocabulary, sized to hold about as many logits as `chunked_token_logprobs`' chunks.
+    over the whole vocabulary, their [B, Tc] rows flattened batch-major (so data-parallel sharding
+    of the batch carries over), sized to hold about as many logits as `chunked_token_logprobs`'.
 
     Args:
       h_BxTxD: hidden states (after the final norm), in the compute dtype.
