@@ -14,6 +14,8 @@ import numbers
 import jax
 import jax.numpy as jnp
 
+from ava_jax.losses.lm import nll_loss
+
 DPO_LOSSES = ("sigmoid", "ipo", "hinge")
 
 
@@ -95,8 +97,8 @@ def sft_loss(logp_BxN: jax.Array, response_BxT: jax.Array, mask_BxT: jax.Array):
 def sft_loss_terms(nll: jax.Array, count: jax.Array):
     """SFT's (loss, metrics) from the summed response-token NLL and the number of those tokens (what
     `Transformer.token_nll` gives with `response_transitions` as the weights)."""
-    return nll / jnp.maximum(count, 1.0), {"loss": (_f32(nll), _f32(count)),
-                                           "logps/response": (_f32(-nll), _f32(count))}
+    loss, metrics = nll_loss(_f32(nll), _f32(count))
+    return loss, {**metrics, "logps/response": (-metrics["loss"][0], metrics["loss"][1])}
 
 
 def dpo_loss(policy_chosen_B, policy_rejected_B, ref_chosen_B, ref_rejected_B, cfg: DpoConfig, *,
