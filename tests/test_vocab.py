@@ -45,13 +45,26 @@ def test_chunked_logprobs_match_float64(vocab_major, V, chunk):
     np.testing.assert_allclose(np.asarray(dw), ref_dw, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("tie", [True, False])
-def test_backbone_token_logprobs_equal_full_logits(tie):
+def _padded_lm(tie):
+    """(model, tokens, mask, graphdef, params): a tiny Llama and a right-padded batch of two."""
     cfg = tiny_config("llama", tie_embeddings=tie)
     model = Transformer(cfg, nnx.Rngs(0))
     tokens = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 11)), jnp.int32)
     mask = jnp.asarray(np.arange(11)[None] < np.array([[11], [7]]))
-    graphdef, params = nnx.split(model, nnx.Param)
+    return (model, tokens, mask) + tuple(nnx.split(model, nnx.Param))
+
+
+def _assert_same_loss_and_grads(reference, candidate, params):
+    """Both losses of the parameters, jitted: equal values and equal gradients for every parameter."""
+    (l_ref, g_ref), (l_new, g_new) = (jax.jit(jax.value_and_grad(f))(params) for f in (reference, candidate))
+    np.testing.assert_allclose(float(l_new), float(l_ref), rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g_new), jax.tree.leaves(g_ref)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_backbone_token_logprobs_equal_full_logits(tie):
+    model, tokens, mask, graphdef, params = _padded_lm(tie)
 
     def full(p):
         m = nnx.merge(graphdef, p)
@@ -63,10 +76,7 @@ def test_backbone_token_logprobs_equal_full_logits(tie):
         assert out.logits is None
         return masked_nll(m.token_logprobs(out.hidden, tokens, chunk=40), mask)[0]
 
-    (l_full, g_full), (l_chunk, g_chunk) = (jax.jit(jax.value_and_grad(f))(params) for f in (full, chunked))
-    np.testing.assert_allclose(float(l_chunk), float(l_full), rtol=1e-6)
-    for a, b in zip(jax.tree.leaves(g_chunk), jax.tree.leaves(g_full)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+    _assert_same_loss_and_grads(full, chunked, params)
     logits = nnx.merge(graphdef, params)(tokens).logits
     np.testing.assert_allclose(np.asarray(model.token_logprobs(model(tokens).hidden, tokens)),
                                np.asarray(token_logprobs(logits, tokens)), rtol=1e-5, atol=1e-5)
@@ -157,11 +167,7 @@ def test_weighted_nll_weights_get_no_gradient_and_no_full_vocabulary_tensor():
 @pytest.mark.parametrize("tie", [True, False])
 def test_backbone_token_nll_equals_the_log_prob_path(tie):
     """Transformer.token_nll: loss and every parameter gradient equal masked_nll over token_logprobs."""
-    cfg = tiny_config("llama", tie_embeddings=tie)
-    model = Transformer(cfg, nnx.Rngs(0))
-    tokens = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 11)), jnp.int32)
-    mask = jnp.asarray(np.arange(11)[None] < np.array([[11], [7]]))
-    graphdef, params = nnx.split(model, nnx.Param)
+    model, tokens, mask, graphdef, params = _padded_lm(tie)
 
     def via_logprobs(p):
         m = nnx.merge(graphdef, p)
@@ -173,7 +179,4 @@ def test_backbone_token_nll_equals_the_log_prob_path(tie):
         return nll_loss(m.token_nll(m(tokens, mask, logits=False).hidden, tokens, target, chunk=40),
                         jnp.sum(target, dtype=jnp.float32))[0]
 
-    (l_ref, g_ref), (l_new, g_new) = (jax.jit(jax.value_and_grad(f))(params) for f in (via_logprobs, via_nll))
-    np.testing.assert_allclose(float(l_new), float(l_ref), rtol=1e-6)
-    for a, b in zip(jax.tree.leaves(g_new), jax.tree.leaves(g_ref)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+    _assert_same_loss_and_grads(via_logprobs, via_nll, params)
