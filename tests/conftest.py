@@ -1,6 +1,10 @@
-"""Shared fixtures: tiny model configs for each architecture."""
+"""Shared fixtures: tiny model configs for each architecture, and the run's compilation cache."""
+import atexit
 import os
+import shutil
+import tempfile
 
+import jax
 import pytest
 
 from ava_jax.models.config import ModelConfig, RopeConfig
@@ -27,3 +31,23 @@ TINY_CONFIGS = {
 @pytest.fixture(params=sorted(TINY_CONFIGS))
 def any_tiny_config(request) -> ModelConfig:
     return TINY_CONFIGS[request.param]()
+
+
+def _share_compilation_cache():
+    """One persistent XLA compilation cache for the whole run, shared by pytest-xdist's workers.
+
+    Many tests compile the same tiny-model steps; with the cache a worker loads what another test
+    (or the other worker) already compiled. The directory lives for one run only (the first process
+    to get here creates it, the workers inherit its path, and it is removed at exit), so stale
+    entries never leak between runs. Subprocess tests do not load this file and compile as usual.
+    """
+    path = os.environ.get("AVA_JAX_TEST_COMPILATION_CACHE")
+    if path is None:
+        path = os.environ["AVA_JAX_TEST_COMPILATION_CACHE"] = tempfile.mkdtemp(prefix="ava_jax_test_xla_")
+        atexit.register(shutil.rmtree, path, True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+_share_compilation_cache()
