@@ -1,9 +1,12 @@
 """Which attention kernel a compiled train step actually uses, read from the optimised HLO.
 
-On a GPU, XLA lowers `jax.nn.dot_product_attention` to cuDNN's fused (flash) attention only when
-the call fits cuDNN's constraints; otherwise it falls back to materialised scores. This compiles the
-backbone's train step for one shape and reports what the HLO holds: a cuDNN fMHA custom call, or
-[.., T, S] score tensors. On a CPU it reports the blocked kernel's per-block score shapes instead.
+On a GPU, `jax.nn.dot_product_attention` runs cuDNN's fused (flash) attention only when asked for
+it (`model.attention` "auto" or "cudnn" resolves to `models.attention.cudnn_causal_attention`, which
+does); otherwise XLA materialises the scores. This compiles the backbone's train step for one shape
+and reports what the HLO holds: cuDNN fMHA custom calls, and [.., T, T] score tensors. With the
+cuDNN path the HLO still holds score tensors: those of the masked fallback branch that batches
+with left padding or holes take. On a CPU there are neither (the blocked kernel's scores are
+per block).
 
   python bench/attention_path.py --arch gpt2 --seq 1024 --dtype bfloat16
 """
@@ -47,9 +50,10 @@ def main():
     fmha = sorted(set(re.findall(r'custom_call_target="([^"]*(?:fmha|cudnn)[^"]*)"', hlo)))
     scores = len(re.findall(rf"\[{args.batch},\d+,(?:\d+,)?{T},{T}\]", hlo))
     print(f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}); {args.arch}, {args.batch} x {T}, "
-          f"{args.dtype}; model.attention={args.attention} -> {resolve(args.attention, cached=False)}")
+          f"{args.dtype}; model.attention={args.attention} -> {resolve(cfg, cached=False)}")
     print(f"cuDNN fused-attention custom calls: {fmha if fmha else 'none'}")
-    print(f"full [B, N, T, T] score arrays in the HLO: {scores}")
+    print(f"full [B, N, T, T] score arrays in the HLO: {scores}"
+          + (" (the masked fallback branch's, for batches that are not right-padded)" if fmha else ""))
     print(f"flash path taken: {'yes' if fmha else 'no'}")
 
 

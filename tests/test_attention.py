@@ -1,5 +1,7 @@
 """The query-blocked causal attention equals a float64 NumPy reference and XLA's dot_product_attention,
 in value and in gradient (its backward is a hand-written custom VJP)."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,6 +9,7 @@ import pytest
 from flax import nnx
 
 from ava_jax.models import TQR
+from ava_jax.models import attention as attn_lib
 from ava_jax.models.attention import blocked_causal_attention, block_size, resolve
 
 from conftest import tiny_config
@@ -124,11 +127,140 @@ def test_backbone_same_with_either_kernel(arch):
 
 
 def test_resolve_and_block_size():
-    assert resolve("auto", cached=True) == "xla"  # the KV cache always takes the general path
-    assert resolve("blocked", cached=False) == "blocked"
-    assert resolve("auto", cached=False) == ("blocked" if jax.default_backend() == "cpu" else "xla")
-    with pytest.raises(ValueError, match="model.attention"):
-        resolve("flash", cached=False)
+    cfg = tiny_config()
+    assert resolve(cfg, cached=True) == "xla"  # the KV cache always takes the general path
+    assert resolve(tiny_config(attention="blocked"), cached=False) == "blocked"
+    assert resolve(cfg, cached=False) == ("blocked" if jax.default_backend() == "cpu" else
+                                          "cudnn" if attn_lib.cudnn_available() else "xla")
     with pytest.raises(ValueError, match="attention="):
         tiny_config(attention="flash")
     assert block_size(256) == 32 and block_size(1024) == 64 and block_size(7) == 32
+
+
+def test_auto_takes_cudnn_on_an_nvidia_gpu_where_it_fits(monkeypatch):
+    monkeypatch.setattr(attn_lib.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(attn_lib, "cudnn_available", lambda: True)
+    assert resolve(tiny_config(dtype="bfloat16", d_model=64), cached=False) == "cudnn"
+    assert resolve(tiny_config(dtype="bfloat16", d_model=64), cached=True) == "xla"
+    assert resolve(tiny_config(dtype="float32", d_model=64), cached=False) == "xla"  # cuDNN has no float32 path
+    assert resolve(tiny_config(dtype="bfloat16", d_model=40), cached=False) == "xla"  # head dim 10
+    monkeypatch.setattr(attn_lib, "cudnn_available", lambda: False)  # a ROCm GPU
+    assert resolve(tiny_config(dtype="bfloat16", d_model=64), cached=False) == "xla"
+
+
+def test_cudnn_forced_where_it_cannot_run_names_the_config_key():
+    with pytest.raises(ValueError, match="model.attention='cudnn'.*dtype='float32'"):
+        tiny_config(attention="cudnn")
+    with pytest.raises(ValueError, match="head_dim=10"):
+        tiny_config(attention="cudnn", dtype="bfloat16", d_model=40)
+
+
+_PADDINGS = {  # rows of key_valid for T = 24: (first real slot, end), plus a hole in one case
+    "none": [(0, 24), (0, 24)],
+    "right": [(0, 24), (0, 17)],
+    "right, one row empty": [(0, 9), (0, 0)],
+    "left": [(0, 24), (5, 24)],
+    "hole": [(0, 24), (0, 24)],
+}
+
+
+def _valid(case: str, T: int = 24):
+    valid = np.zeros((2, T), bool)
+    for b, (start, end) in enumerate(_PADDINGS[case]):
+        valid[b, start:end] = True
+    if case == "hole":
+        valid[1, 10:13] = False
+    return valid
+
+
+@pytest.mark.parametrize("case", sorted(_PADDINGS))
+def test_cudnn_path_equals_the_reference_and_takes_the_fused_branch_only_when_right_padded(case):
+    """The cuDNN path's padding logic, with XLA standing in for cuDNN (same causal flag and lengths).
+
+    Real queries match the float64 reference in value and gradient whichever branch runs. Padding
+    queries tell the branches apart: the fused branch lets them attend to the row's real tokens
+    only, the masked branch also to themselves; so they show that right-padded batches (and only
+    those) take the fused branch.
+    """
+    B, T, N, K, H = 2, 24, 4, 2, 8
+    keys = jax.random.split(jax.random.key(3), 4)
+    q, k, v = (jax.random.normal(kk, (B, T, n, H)) for kk, n in zip(keys, (N, K, K)))
+    valid = _valid(case)
+    w = jax.random.normal(keys[3], (B, T, N, H)) * valid[:, :, None, None]  # loss on real queries only
+
+    def f(q, k, v):
+        return attn_lib.cudnn_causal_attention(q, k, v, jnp.asarray(valid), H ** -0.5, implementation="xla")
+
+    out, vjp = jax.vjp(f, q, k, v)
+    grads = vjp(w)
+    out, grads = np.asarray(out), [np.asarray(g) for g in grads]
+    assert np.all(np.isfinite(out)) and all(np.all(np.isfinite(g)) for g in grads)
+    ref, ref_grads = _numpy_attention(q, k, v, valid, H ** -0.5, w)
+    real = valid[:, :, None, None]
+    np.testing.assert_allclose(np.where(real, out, 0), np.where(real, ref, 0), rtol=1e-5, atol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+
+    # Each padding query under either branch's rule, in float64: fused = causal keys below the row's
+    # length (at least 1); masked = causal keys that are real or the query itself.
+    lengths = np.maximum(valid.sum(axis=1), 1)
+    qn, kn, vn = (np.asarray(x, np.float64) for x in (q, k, v))
+    G = N // K
+    differs = False
+    for b, t in zip(*np.nonzero(~valid)):
+        slots = np.arange(T)
+        rules = {"fused": (slots <= t) & (slots < lengths[b]), "masked": (slots <= t) & (valid[b] | (slots == t))}
+        want = {}
+        for rule, keep in rules.items():
+            s_ = np.einsum("nh,snh->ns", qn[b, t], np.repeat(kn[b], G, axis=1)[keep]) * H ** -0.5
+            p_ = np.exp(s_ - s_.max(-1, keepdims=True))
+            want[rule] = np.einsum("ns,snh->nh", p_ / p_.sum(-1, keepdims=True), np.repeat(vn[b], G, axis=1)[keep])
+        branch = "fused" if case in ("none", "right", "right, one row empty") else "masked"
+        np.testing.assert_allclose(out[b, t], want[branch], rtol=1e-5, atol=1e-5, err_msg=f"query ({b}, {t})")
+        differs |= not np.allclose(want["fused"], want["masked"], atol=1e-3)
+    assert differs or case == "none"  # some padding query tells the two branches apart
+
+
+def test_the_masked_branch_adds_no_score_sized_residual(monkeypatch):
+    """Under autodiff lax.cond returns both branches' residuals, so the masked fallback must not add
+    [B, N, T, T]-sized ones to a step on the fused branch (cuDNN keeps only o and the log-sum-exp).
+    A stand-in for cuDNN that, like it, keeps no score-sized residual, shows the fallback adds none
+    (it is checkpointed), where XLA's masked attention on its own keeps some."""
+    xla_attention = jax.nn.dot_product_attention
+
+    def cudnn_stand_in(*args, implementation=None, **kw):
+        if implementation == "cudnn":
+            return jax.checkpoint(functools.partial(xla_attention, implementation="xla", **kw))(*args)
+        return xla_attention(*args, implementation=implementation, **kw)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", cudnn_stand_in)
+    B, T, N, H = 2, 40, 4, 8
+    q, k, v = (jax.random.normal(jax.random.key(i), (B, T, N, H)) for i in range(3))
+    valid = jnp.asarray(np.arange(T)[None] < np.array([[40], [31]]))
+
+    def score_sized_residuals(f):
+        _, vjp = jax.vjp(f, q, k, v)
+        return sum(x.size >= B * N * T * T for x in jax.tree.leaves(vjp))
+
+    mask = jnp.asarray(_full_mask(np.asarray(valid)))[:, None]
+    assert score_sized_residuals(functools.partial(xla_attention, mask=mask)) >= 1
+    assert score_sized_residuals(functools.partial(attn_lib.cudnn_causal_attention, key_valid_BxT=valid,
+                                                   scale=H ** -0.5)) == 0
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_backbone_cudnn_path_equals_xla(monkeypatch, side):
+    """The backbone wired to the cuDNN path (XLA standing in for cuDNN) equals model.attention='xla'
+    in bfloat16, at every real position, for right padding (fused branch) and left (masked)."""
+    monkeypatch.setattr(attn_lib, "cudnn_causal_attention",
+                        functools.partial(attn_lib.cudnn_causal_attention, implementation="xla"))
+    T = 20
+    tokens = jnp.asarray(np.random.default_rng(0).integers(3, 97, (2, T)), jnp.int32)
+    n = np.array([[T], [13]])
+    mask = jnp.asarray(np.arange(T)[None] < n if side == "right" else np.arange(T)[None] >= T - n)
+    outs = []
+    for impl in ("cudnn", "xla"):
+        model = TQR(tiny_config(attention=impl, dtype="bfloat16", d_model=64), rngs=nnx.Rngs(0))
+        outs.append(np.asarray(jax.jit(lambda m: m(tokens, mask).logits)(model), np.float32))
+    real = np.asarray(mask)[..., None]
+    np.testing.assert_array_equal(np.where(real, outs[0], 0), np.where(real, outs[1], 0))

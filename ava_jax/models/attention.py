@@ -1,4 +1,5 @@
-"""Attention kernels: XLA's fused `dot_product_attention` and a causal query-blocked path for CPUs.
+"""Attention kernels: XLA's `dot_product_attention`, cuDNN's fused attention on NVIDIA GPUs, and a
+causal query-blocked path for CPUs.
 
 `jax.nn.dot_product_attention` on the CPU backend materialises the full [B, N, T, S] score tensor
 and runs softmax over it in several memory passes; for small head dims (TinyStories-260K has
@@ -18,6 +19,13 @@ read contiguous slabs.
 
 The blocked path assumes what the backbone guarantees without a KV cache: query t and key t are
 the same slot, and the mask is causal & (key is real | key is the query itself).
+
+On a GPU, `jax.nn.dot_product_attention` runs XLA's attention (materialised [B, N, T, S] scores)
+unless it is asked for cuDNN explicitly: its default implementation is XLA, and XLA no longer
+rewrites attention into cuDNN's fused kernel by itself. `cudnn_causal_attention` asks for it. cuDNN
+takes padding as per-row lengths, real tokens first, so a right-padded batch (or one without
+padding) runs the fused kernel, and a batch with any other padding (left-padded prompts, holes)
+runs XLA's masked attention, chosen per batch on the device by `lax.cond`.
 """
 from __future__ import annotations
 
@@ -26,8 +34,9 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax.extend import backend as jax_backend
 
-from ava_jax.models.config import ATTENTION_IMPLS
+from ava_jax.models.config import ATTENTION_IMPLS, ModelConfig
 
 _NEG = -1e30  # finite, so a fully masked row (never produced here) could not give NaN
 
@@ -37,15 +46,74 @@ def block_size(T: int) -> int:
     return max(32, math.ceil(T / 16))
 
 
-def resolve(impl: str, cached: bool) -> str:
-    """The implementation actually used: "auto" is blocked on CPU without a cache, XLA otherwise."""
+def cudnn_available() -> bool:
+    """True when this process computes on an NVIDIA GPU (cuDNN ships with JAX's CUDA plugin)."""
+    if jax.default_backend() != "gpu":
+        return False
+    return "cuda" in jax_backend.get_backend().platform_version.lower()
+
+
+def resolve(cfg: ModelConfig, cached: bool) -> str:
+    """The implementation actually used for `cfg.attention`.
+
+    "auto" is the blocked kernel on CPU, cuDNN's fused attention on an NVIDIA GPU when the dtype and
+    head dim fit it (`ModelConfig.cudnn_fits`), XLA otherwise. With a KV cache it is always XLA.
+    """
+    impl = cfg.attention
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"model.attention={impl!r}; expected one of {ATTENTION_IMPLS}")
     if cached:
         return "xla"
     if impl == "auto":
-        return "blocked" if jax.default_backend() == "cpu" else "xla"
+        if jax.default_backend() == "cpu":
+            return "blocked"
+        return "cudnn" if cfg.cudnn_fits() and cudnn_available() else "xla"
     return impl
+
+
+def self_attention_mask(key_valid_BxT):
+    """[B, T, T] boolean: causal, and key real or the query itself (no softmax row is empty)."""
+    T = key_valid_BxT.shape[1]
+    slot = jnp.arange(T)
+    causal_TxT = slot[None, :] <= slot[:, None]
+    own_TxT = slot[None, :] == slot[:, None]
+    return causal_TxT[None] & (key_valid_BxT[:, None, :] | own_TxT[None])
+
+
+def cudnn_causal_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, key_valid_BxT, scale: float,
+                           implementation: str = "cudnn"):
+    """Causal self-attention through cuDNN's fused (flash) kernel where the padding allows it.
+
+    Args:
+      q_BxTxNxH, k_BxTxKxH, v_BxTxKxH: half-precision queries, keys and values (K divides N).
+      key_valid_BxT: True for real tokens.
+      scale: multiplier of q.k.
+      implementation: `jax.nn.dot_product_attention`'s implementation for the fused branch; tests
+        pass "xla", which honours the same causal flag and sequence lengths, to check this function's
+        logic on a machine without cuDNN.
+
+    A batch whose every row is right-padded (real tokens first) takes the fused branch: causal, with
+    each row's keys cut at its length, and all queries kept (a padding query attends to the row's
+    real tokens; its output is never used, and a row without real tokens attends to its first key,
+    so no row is empty and nothing is NaN). Any other batch takes XLA's masked attention over
+    `self_attention_mask`. Real queries get the same attention either way. The masked branch is
+    checkpointed: under autodiff `lax.cond` returns the residuals of both branches, so without it a
+    batch on the fused branch would still carry zero-filled [B, N, T, T] probabilities.
+    """
+    B, T = key_valid_BxT.shape
+    lengths_B = key_valid_BxT.sum(axis=1, dtype=jnp.int32)
+    right_padded = jnp.all(key_valid_BxT == (jnp.arange(T)[None, :] < lengths_B[:, None]))
+
+    def fused(q, k, v):
+        return jax.nn.dot_product_attention(
+            q, k, v, scale=scale, is_causal=True, query_seq_lengths=jnp.full((B,), T, jnp.int32),
+            key_value_seq_lengths=jnp.maximum(lengths_B, 1), implementation=implementation)
+
+    @jax.checkpoint
+    def masked(q, k, v):
+        return jax.nn.dot_product_attention(q, k, v, mask=self_attention_mask(key_valid_BxT)[:, None], scale=scale)
+
+    return jax.lax.cond(right_padded, fused, masked, q_BxTxNxH, k_BxTxKxH, v_BxTxKxH)
 
 
 def blocked_causal_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, key_valid_BxT, scale: float,

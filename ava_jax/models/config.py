@@ -8,7 +8,11 @@ import jax
 import jax.numpy as jnp
 
 ARCHS = ("gpt2", "llama")
-ATTENTION_IMPLS = ("auto", "xla", "blocked")
+ATTENTION_IMPLS = ("auto", "xla", "blocked", "cudnn")
+# What cuDNN's fused attention takes: half-precision compute and a head dim that is a multiple of 8
+# up to 128 (256 on Hopper and later; 128 keeps one rule for every card).
+CUDNN_DTYPES = ("bfloat16", "float16")
+CUDNN_MAX_HEAD_DIM = 128
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
@@ -62,8 +66,9 @@ class ModelConfig:
     # None (auto): on for the CPU backend, where it is the faster step as well as the smaller one
     # (docs/performance.md), off on accelerators, where the recomputation costs a third more FLOPs.
     remat: bool | None = None
-    # "auto": the query-blocked causal kernel on CPU, XLA's dot_product_attention elsewhere and with
-    # a KV cache; "xla" / "blocked" force one (ava_jax.models.attention).
+    # "auto": the query-blocked causal kernel on CPU; cuDNN's fused (flash) attention on an NVIDIA
+    # GPU where it fits (`cudnn_fits`), XLA's dot_product_attention elsewhere and with a KV cache;
+    # "xla" / "blocked" / "cudnn" force one (ava_jax.models.attention).
     attention: str = "auto"
     init_std: float = 0.02
 
@@ -78,6 +83,15 @@ class ModelConfig:
             raise ValueError(f"model.attention={self.attention!r}; expected one of {ATTENTION_IMPLS}")
         if self.head_dim is None:
             object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
+        if self.attention == "cudnn" and not self.cudnn_fits():
+            raise ValueError(f"model.attention='cudnn' needs model.dtype in {CUDNN_DTYPES} and a head dim that is a "
+                             f"multiple of 8 up to {CUDNN_MAX_HEAD_DIM}; got dtype={self.dtype!r}, "
+                             f"head_dim={self.head_dim}. Use model.attention='auto' or 'xla'.")
+
+    def cudnn_fits(self) -> bool:
+        """Whether cuDNN's fused attention takes this shape and compute dtype."""
+        return (self.dtype in CUDNN_DTYPES and self.head_dim % 8 == 0
+                and self.head_dim <= CUDNN_MAX_HEAD_DIM)
 
     def remat_enabled(self) -> bool:
         """`remat` with None resolved for the backend this process computes on."""

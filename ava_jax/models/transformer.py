@@ -100,7 +100,7 @@ class Attention(nnx.Module):
             self.inv_freq = tuple(float(f) for f in inv_freq)
 
     def __call__(self, x_BxTxD, pos_BxT, mask, layer_cache=None, index=None):
-        """`mask` is the [B, T, S] boolean mask (XLA path) or the [B, T] key-valid mask (blocked path)."""
+        """`mask` is the [B, T, S] boolean mask (XLA path) or the [B, T] key-valid mask (blocked, cuDNN)."""
         cfg, dt = self.cfg, self.cfg.jnp_dtype
 
         def proj(w, b):
@@ -121,8 +121,12 @@ class Attention(nnx.Module):
         else:
             k_BxSxKxH, v_BxSxKxH = k_BxTxKxH, v_BxTxKxH
         scale = 1.0 / (cfg.head_dim ** 0.5)
-        if mask.ndim == 2:
+        impl = attn_lib.resolve(cfg, cached=layer_cache is not None)
+        if impl == "blocked":
             out_BxTxNxH = attn_lib.blocked_causal_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask, scale)
+        elif impl == "cudnn":
+            out_BxTxNxH = attn_lib.cudnn_causal_attention(q_BxTxNxH, k_BxSxKxH.astype(dt), v_BxSxKxH.astype(dt),
+                                                          mask, scale)
         else:
             # XLA's fused attention handles grouped-query heads (K divides N) without repeating K/V.
             out_BxTxNxH = jax.nn.dot_product_attention(
@@ -249,8 +253,8 @@ class Transformer(nnx.Module):
             query_slot_T = index + jnp.arange(T)
             key_slot_S = jnp.arange(cache.valid_BxS.shape[1])
             key_valid_BxS = jax.lax.dynamic_update_slice_in_dim(cache.valid_BxS, mask_BxT, index, axis=1)
-        if attn_lib.resolve(cfg.attention, cached=cache is not None) == "blocked":
-            mask = key_valid_BxS  # the blocked kernel builds each block's causal mask itself
+        if attn_lib.resolve(cfg, cached=cache is not None) in ("blocked", "cudnn"):
+            mask = key_valid_BxS  # these kernels take causality and padding from the key-valid mask
         else:
             causal_TxS = key_slot_S[None, :] <= query_slot_T[:, None]
             # A padding query still sees itself, so no softmax row is empty (its output is never used).
