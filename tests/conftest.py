@@ -48,6 +48,9 @@ def _share_compilation_cache():
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    # A size bound turns on the cache's file lock, so one worker never reads an entry the other is
+    # still writing (a full run writes tens of MB).
+    jax.config.update("jax_compilation_cache_max_size", 2 ** 30)
 
 
 _share_compilation_cache()
