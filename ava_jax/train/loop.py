@@ -96,43 +96,42 @@ def _loop(step_fn, state, batches, key, options, writer, checkpointer, eval_fn, 
     prev = None
     evals = None
     stop = False
-    bar = tqdm(total=options.num_steps, initial=start, disable=not options.progress or jax.process_index() != 0,
-               desc="train", unit="step")
-    for step in range(start, options.num_steps):
-        batch = batches.next_batch(state, step)
-        if step == start and hasattr(step_fn, "describe_compiled"):  # style point 10: before step 1
-            log.info("%s", step_fn.describe_compiled(state, batch, key))
-        state, metrics = step_fn(state, batch, key)
-        if prev is not None:  # the previous step's flag: dispatched one step ago, so this rarely waits
-            _check_bad(prev, options)
-        prev = (step + 1, metrics)
-        done = step + 1
-        if done % options.log_every == 0 or done == options.num_steps:
-            means = metric_means(metrics)
-            writer.write(done, means, prefix="train/")
-            bar.set_postfix(loss=f"{means['loss']:.4f}")
-        bar.update(1)
-        if eval_fn is not None and ((options.eval_every and done % options.eval_every == 0)
-                                    or done == options.num_steps):
-            evals = eval_fn(state)
-            writer.write(done, evals, prefix="eval/")
-            log.info("step %d eval: %s", done, ", ".join(f"{k}={v:.4f}" for k, v in evals.items()))
-            if checkpointer is not None:
-                checkpointer.save_best(done, state, evals)
-        if checkpointer is not None and ((options.checkpoint_every and done % options.checkpoint_every == 0)
-                                         or done == options.num_steps):
-            checkpointer.save(done, state, batches.checkpoint_iterator, force=True)
-        elif done < options.num_steps:
-            stop = stop or watcher.reached(done)  # latched: the sync point answers once
-            if stop and getattr(batches, "resumable_at", lambda s: True)(done):
+    # A context manager, so an error raised mid-run closes the bar and prints on a line of its own.
+    with tqdm(total=options.num_steps, initial=start, disable=not options.progress or jax.process_index() != 0,
+              desc="train", unit="step") as bar:
+        for step in range(start, options.num_steps):
+            batch = batches.next_batch(state, step)
+            if step == start and hasattr(step_fn, "describe_compiled"):  # style point 10: before step 1
+                log.info("%s", step_fn.describe_compiled(state, batch, key))
+            state, metrics = step_fn(state, batch, key)
+            if prev is not None:  # the previous step's flag: dispatched one step ago, so this rarely waits
                 _check_bad(prev, options)
+            prev = (step + 1, metrics)
+            done = step + 1
+            if done % options.log_every == 0 or done == options.num_steps:
+                means = metric_means(metrics)
+                writer.write(done, means, prefix="train/")
+                bar.set_postfix(loss=f"{means['loss']:.4f}")
+            bar.update(1)
+            if eval_fn is not None and ((options.eval_every and done % options.eval_every == 0)
+                                        or done == options.num_steps):
+                evals = eval_fn(state)
+                writer.write(done, evals, prefix="eval/")
+                log.info("step %d eval: %s", done, ", ".join(f"{k}={v:.4f}" for k, v in evals.items()))
                 if checkpointer is not None:
-                    checkpointer.save(done, state, batches.checkpoint_iterator, force=True)
-                bar.close()
-                raise Preempted(done, checkpointer.workdir if checkpointer is not None else None)
-    if prev is not None:
-        _check_bad(prev, options)
-    bar.close()
+                    checkpointer.save_best(done, state, evals)
+            if checkpointer is not None and ((options.checkpoint_every and done % options.checkpoint_every == 0)
+                                             or done == options.num_steps):
+                checkpointer.save(done, state, batches.checkpoint_iterator, force=True)
+            elif done < options.num_steps:
+                stop = stop or watcher.reached(done)  # latched: the sync point answers once
+                if stop and getattr(batches, "resumable_at", lambda s: True)(done):
+                    _check_bad(prev, options)
+                    if checkpointer is not None:
+                        checkpointer.save(done, state, batches.checkpoint_iterator, force=True)
+                    raise Preempted(done, checkpointer.workdir if checkpointer is not None else None)
+        if prev is not None:
+            _check_bad(prev, options)
     return state, evals
 
 
