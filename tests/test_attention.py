@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from ava_jax.errors import ConfigError
 from ava_jax.models import TQR
 from ava_jax.models import attention as attn_lib
 from ava_jax.models.attention import blocked_causal_attention, block_size, resolve
@@ -148,11 +149,18 @@ def test_auto_takes_cudnn_on_an_nvidia_gpu_where_it_fits(monkeypatch):
     assert resolve(tiny_config(dtype="bfloat16", d_model=64), cached=False) == "xla"
 
 
-def test_cudnn_forced_where_it_cannot_run_names_the_config_key():
-    with pytest.raises(ValueError, match="model.attention='cudnn'.*dtype='float32'"):
+def test_cudnn_forced_where_it_cannot_run_names_the_config_key(monkeypatch):
+    with pytest.raises(ConfigError, match="model.attention='cudnn'.*dtype='float32'"):
         tiny_config(attention="cudnn")
-    with pytest.raises(ValueError, match="head_dim=10"):
+    with pytest.raises(ConfigError, match="head_dim=10"):
         tiny_config(attention="cudnn", dtype="bfloat16", d_model=40)
+    cfg = tiny_config(attention="cudnn", dtype="bfloat16", d_model=64)
+    monkeypatch.setattr(attn_lib, "cudnn_available", lambda: False)
+    with pytest.raises(ConfigError, match="model.attention='cudnn' needs an NVIDIA GPU"):
+        resolve(cfg, cached=False)
+    assert resolve(cfg, cached=True) == "xla"  # decoding with the KV cache never needed cuDNN
+    monkeypatch.setattr(attn_lib, "cudnn_available", lambda: True)
+    assert resolve(cfg, cached=False) == "cudnn"
 
 
 _PADDINGS = {  # rows of key_valid for T = 24: (first real slot, end), plus a hole in one case
@@ -252,6 +260,7 @@ def test_the_masked_branch_adds_no_score_sized_residual(monkeypatch):
 def test_backbone_cudnn_path_equals_xla(monkeypatch, side):
     """The backbone wired to the cuDNN path (XLA standing in for cuDNN) equals model.attention='xla'
     in bfloat16, at every real position, for right padding (fused branch) and left (masked)."""
+    monkeypatch.setattr(attn_lib, "cudnn_available", lambda: True)
     monkeypatch.setattr(attn_lib, "cudnn_causal_attention",
                         functools.partial(attn_lib.cudnn_causal_attention, implementation="xla"))
     T = 20

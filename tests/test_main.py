@@ -65,6 +65,9 @@ def test_bad_data_row_and_missing_file_end_with_one_line(tmp_path):
     (("--config=configs/generate.py:huge",), ("unknown variant 'huge'",)),
     (("--config=configs/generate.py:tiny", "--config.pipeline=dance"), ("config.pipeline='dance'",)),
     (("--config=configs/ava_p.py:paper",), ("model.path is empty",)),
+    (("--config=configs/bt.py:tiny", "--config.model.attention=cudnn"), ("model.attention='cudnn'", "float32")),
+    (("--config=configs/bt.py:tiny", "--config.model.attention=cudnn", "--config.model.dtype=bfloat16"),
+     ("model.attention='cudnn' needs an NVIDIA GPU",)),
 ])
 def test_config_mistakes_end_with_one_line(args, needles):
     _assert_one_line_error(run_main(*args), *needles)

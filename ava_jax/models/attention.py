@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 from jax.extend import backend as jax_backend
 
+from ava_jax.errors import ConfigError
 from ava_jax.models.config import ATTENTION_IMPLS, ModelConfig
 
 _NEG = -1e30  # finite, so a fully masked row (never produced here) could not give NaN
@@ -68,6 +69,9 @@ def resolve(cfg: ModelConfig, cached: bool) -> str:
         if jax.default_backend() == "cpu":
             return "blocked"
         return "cudnn" if cfg.cudnn_fits() and cudnn_available() else "xla"
+    if impl == "cudnn" and not cudnn_available():
+        raise ConfigError(f"model.attention='cudnn' needs an NVIDIA GPU; this process computes on "
+                          f"{jax.default_backend()}. Use model.attention='auto'.")
     return impl
 
 

@@ -7,6 +7,8 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
+from ava_jax.errors import ConfigError
+
 ARCHS = ("gpt2", "llama")
 ATTENTION_IMPLS = ("auto", "xla", "blocked", "cudnn")
 # What cuDNN's fused attention takes: half-precision compute and a head dim that is a multiple of 8
@@ -84,7 +86,7 @@ class ModelConfig:
         if self.head_dim is None:
             object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
         if self.attention == "cudnn" and not self.cudnn_fits():
-            raise ValueError(f"model.attention='cudnn' needs model.dtype in {CUDNN_DTYPES} and a head dim that is a "
+            raise ConfigError(f"model.attention='cudnn' needs model.dtype in {CUDNN_DTYPES} and a head dim that is a "
                              f"multiple of 8 up to {CUDNN_MAX_HEAD_DIM}; got dtype={self.dtype!r}, "
                              f"head_dim={self.head_dim}. Use model.attention='auto' or 'xla'.")
 
