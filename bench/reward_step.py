@@ -26,19 +26,20 @@ from ava_jax import sharding as shd
 from ava_jax.checkpoints.load import load_pretrained
 from ava_jax.config import BUNDLED
 from ava_jax.models import HeadConfig, ModelConfig, TQR
+from ava_jax.models.config import ATTENTION_IMPLS
 from ava_jax.train.step import init_train_state, make_train_step
 
 
-def make_model(name, heads, dtype):
+def make_model(name, heads, dtype, attention="auto"):
     if name == "tiny":
-        return load_pretrained(BUNDLED["tinystories-260k"], heads=heads, dtype=dtype)[0]
+        return load_pretrained(BUNDLED["tinystories-260k"], heads=heads, dtype=dtype, attention=attention)[0]
     if name == "gpt2-small":
         cfg = ModelConfig(arch="gpt2", vocab_size=50257, d_model=768, n_layers=12, n_heads=12, n_kv_heads=12,
-                          d_ff=3072, max_seq_len=1024, dtype=dtype)
+                          d_ff=3072, max_seq_len=1024, dtype=dtype, attention=attention)
         return TQR(cfg, heads, rngs=nnx.Rngs(0))
     if name == "wide-vocab":  # GPT-2's vocabulary on a narrow 2-layer trunk: the LM head dominates
         cfg = ModelConfig(arch="gpt2", vocab_size=50257, d_model=256, n_layers=2, n_heads=4, n_kv_heads=4,
-                          d_ff=1024, max_seq_len=256, dtype=dtype)
+                          d_ff=1024, max_seq_len=256, dtype=dtype, attention=attention)
         return TQR(cfg, heads, rngs=nnx.Rngs(0))
     raise SystemExit(f"unknown model {name!r}")
 
@@ -54,9 +55,9 @@ def pair_batch(B, T, V, seed=0):
     return {"chosen": side(), "rejected": side()}
 
 
-def step_time(name, objective, weighting, batch, reps, dtype, chunks=True):
+def step_time(name, objective, weighting, batch, reps, dtype, chunks=True, attention="auto"):
     """(median step seconds, compiled temporary MiB) of one objective's train step."""
-    model = make_model(name, HeadConfig(reward_weighting=weighting), dtype)
+    model = make_model(name, HeadConfig(reward_weighting=weighting), dtype, attention)
     mesh = shd.make_mesh()
     opt = optax.adamw(1e-5)
     with jax.set_mesh(mesh):
@@ -88,9 +89,10 @@ def main():
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--attention", choices=ATTENTION_IMPLS, default="auto", help="ModelConfig.attention")
     args = p.parse_args()
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; {args.pairs} pairs x {args.seq} tokens, "
-          f"median of {args.reps} steps after one warm-up")
+          f"median of {args.reps} steps after one warm-up; attention {args.attention}")
     print("| model | BT step s | PT step s | AVA-p step s | AVA-d step s | AVA-p / BT | AVA-p (rwt off) / BT "
           "| AVA-p full Q rows / BT | temp MiB: BT / AVA-p / AVA-p full rows |")
     print("|---" * 9 + "|")
@@ -98,7 +100,7 @@ def main():
         V = 512 if name == "tiny" else 50257  # gpt2-small, wide-vocab
         batch = pair_batch(args.pairs, args.seq, V)
         reps = args.reps if name == "tiny" else max(2, args.reps // 2)
-        runs = {(o, w, c): step_time(name, o, w, batch, reps, args.dtype, chunks=c)
+        runs = {(o, w, c): step_time(name, o, w, batch, reps, args.dtype, chunks=c, attention=args.attention)
                 for o, w, c in (("bt", "none", True), ("pt", "attention", True), ("ava_p", "attention", True),
                                 ("ava_p", "none", True), ("ava_d", "attention", True), ("ava_p", "attention", False))}
         t = {k: v[0] for k, v in runs.items()}
