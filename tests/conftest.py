@@ -33,24 +33,23 @@ def any_tiny_config(request) -> ModelConfig:
     return TINY_CONFIGS[request.param]()
 
 
-def _share_compilation_cache():
-    """One persistent XLA compilation cache for the whole run, shared by pytest-xdist's workers.
+def _use_a_compilation_cache():
+    """A persistent XLA compilation cache for the run, one directory per pytest-xdist worker.
 
-    Many tests compile the same tiny-model steps; with the cache a worker loads what another test
-    (or the other worker) already compiled. The directory lives for one run only (the first process
-    to get here creates it, the workers inherit its path, and it is removed at exit), so stale
-    entries never leak between runs. Subprocess tests do not load this file and compile as usual.
+    Many tests compile the same tiny-model steps; with the cache a worker loads what one of its
+    earlier tests already compiled. Each worker has its own directory: JAX writes entries without a
+    lock unless the cache has a size bound, and a bound (which turns the file lock on) made a run
+    1.6x slower here. The directories live for one run only (the first process to get here creates
+    their parent, the workers inherit its path, and it is removed at exit), so stale entries never
+    leak between runs. Subprocess tests do not load this file and compile as usual.
     """
-    path = os.environ.get("AVA_JAX_TEST_COMPILATION_CACHE")
-    if path is None:
-        path = os.environ["AVA_JAX_TEST_COMPILATION_CACHE"] = tempfile.mkdtemp(prefix="ava_jax_test_xla_")
-        atexit.register(shutil.rmtree, path, True)
-    jax.config.update("jax_compilation_cache_dir", path)
+    root = os.environ.get("AVA_JAX_TEST_COMPILATION_CACHE")
+    if root is None:
+        root = os.environ["AVA_JAX_TEST_COMPILATION_CACHE"] = tempfile.mkdtemp(prefix="ava_jax_test_xla_")
+        atexit.register(shutil.rmtree, root, True)
+    jax.config.update("jax_compilation_cache_dir", os.path.join(root, os.environ.get("PYTEST_XDIST_WORKER", "main")))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    # A size bound turns on the cache's file lock, so one worker never reads an entry the other is
-    # still writing (a full run writes tens of MB).
-    jax.config.update("jax_compilation_cache_max_size", 2 ** 30)
 
 
-_share_compilation_cache()
+_use_a_compilation_cache()
