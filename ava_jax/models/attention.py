@@ -75,13 +75,17 @@ def resolve(cfg: ModelConfig, cached: bool) -> str:
     return impl
 
 
-def self_attention_mask(key_valid_BxT):
-    """[B, T, T] boolean: causal, and key real or the query itself (no softmax row is empty)."""
-    T = key_valid_BxT.shape[1]
-    slot = jnp.arange(T)
-    causal_TxT = slot[None, :] <= slot[:, None]
-    own_TxT = slot[None, :] == slot[:, None]
-    return causal_TxT[None] & (key_valid_BxT[:, None, :] | own_TxT[None])
+def attention_mask(key_valid_BxS, query_slot_T=None, key_slot_S=None):
+    """[B, T, S] boolean for XLA's attention: causal over slots, and key real or the query itself.
+
+    A padding query still sees itself, so no softmax row is empty (its output is never used).
+    Without slots, queries and keys are the same T positions (self-attention without a KV cache).
+    """
+    if query_slot_T is None:
+        query_slot_T = key_slot_S = jnp.arange(key_valid_BxS.shape[1])
+    causal_TxS = key_slot_S[None, :] <= query_slot_T[:, None]
+    own_TxS = key_slot_S[None, :] == query_slot_T[:, None]
+    return causal_TxS[None] & (key_valid_BxS[:, None, :] | own_TxS[None])
 
 
 def cudnn_causal_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, key_valid_BxT, scale: float,
@@ -100,7 +104,7 @@ def cudnn_causal_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, key_valid_BxT, scale
     each row's keys cut at its length, and all queries kept (a padding query attends to the row's
     real tokens; its output is never used, and a row without real tokens attends to its first key,
     so no row is empty and nothing is NaN). Any other batch takes XLA's masked attention over
-    `self_attention_mask`. Real queries get the same attention either way. The masked branch is
+    `attention_mask`. Real queries get the same attention either way. The masked branch is
     checkpointed: under autodiff `lax.cond` returns the residuals of both branches, so without it a
     batch on the fused branch would still carry zero-filled [B, N, T, T] probabilities.
     """
@@ -115,7 +119,7 @@ def cudnn_causal_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, key_valid_BxT, scale
 
     @jax.checkpoint
     def masked(q, k, v):
-        return jax.nn.dot_product_attention(q, k, v, mask=self_attention_mask(key_valid_BxT)[:, None], scale=scale)
+        return jax.nn.dot_product_attention(q, k, v, mask=attention_mask(key_valid_BxT)[:, None], scale=scale)
 
     return jax.lax.cond(right_padded, fused, masked, q_BxTxNxH, k_BxTxKxH, v_BxTxKxH)
 

@@ -256,10 +256,7 @@ class Transformer(nnx.Module):
         if attn_lib.resolve(cfg, cached=cache is not None) in ("blocked", "cudnn"):
             mask = key_valid_BxS  # these kernels take causality and padding from the key-valid mask
         else:
-            causal_TxS = key_slot_S[None, :] <= query_slot_T[:, None]
-            # A padding query still sees itself, so no softmax row is empty (its output is never used).
-            own_TxS = key_slot_S[None, :] == query_slot_T[:, None]
-            mask = causal_TxS[None] & (key_valid_BxS[:, None, :] | own_TxS[None])
+            mask = attn_lib.attention_mask(key_valid_BxS, query_slot_T, key_slot_S)
         if self.pos_embed is not None:
             x_BxTxD = x_BxTxD + jnp.take(self.pos_embed[...], pos_BxT, axis=0).astype(cfg.jnp_dtype)
 
