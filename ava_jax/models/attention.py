@@ -188,18 +188,27 @@ def _attention_fwd(q, k, v, key_valid_BxT, bq):
 
 
 def _attention_bwd(bq, residuals, do):
-    """p = exp(s - lse) recomputed per block; ds = p (dp - rowsum(do o)); dq, dk, dv from ds and p."""
+    """p = exp(s - lse) recomputed per block; ds = p (dp - rowsum(do o)); dq, dk, dv from ds and p.
+
+    dk and dv are accumulated transposed, as [B, K, H, S] = q^T ds and do^T p: contracted over the
+    block's (g, q) rows, ds^T q would have XLA:CPU write each [GQ, S] block of ds and p transposed
+    (a strided copy of the block's largest arrays) where q^T only transposes a [GQ, H] slab.
+    """
     q, k, v, key_valid_BxT, o, lse = residuals
+    B, K, _, T, H = q.shape
     delta = jnp.sum(do * o, axis=-1, keepdims=True)
-    dqs, dk, dv = [], jnp.zeros_like(k), jnp.zeros_like(v)
-    for start, end in _blocks(q.shape[3], bq):
+    dqs = []
+    dk_BxKxHxS = jnp.zeros((B, K, H, k.shape[2]), k.dtype)
+    dv_BxKxHxS = jnp.zeros((B, K, H, v.shape[2]), v.dtype)
+    for start, end in _blocks(T, bq):
         q_blk, do_blk = q[:, :, :, start:end], do[:, :, :, start:end]
         p = jnp.exp(_scores(q_blk, k, start, end, key_valid_BxT) - lse[:, :, :, start:end])
         dp = jnp.einsum("bkgqh,bksh->bkgqs", do_blk, v[:, :, :end])
         ds = p * (dp - delta[:, :, :, start:end])
         dqs.append(jnp.einsum("bkgqs,bksh->bkgqh", ds, k[:, :, :end]))
-        dk = dk.at[:, :, :end].add(jnp.einsum("bkgqs,bkgqh->bksh", ds, q_blk))
-        dv = dv.at[:, :, :end].add(jnp.einsum("bkgqs,bkgqh->bksh", p, do_blk))
+        dk_BxKxHxS = dk_BxKxHxS.at[..., :end].add(jnp.einsum("bkgqh,bkgqs->bkhs", q_blk, ds))
+        dv_BxKxHxS = dv_BxKxHxS.at[..., :end].add(jnp.einsum("bkgqh,bkgqs->bkhs", do_blk, p))
+    dk, dv = dk_BxKxHxS.transpose(0, 1, 3, 2), dv_BxKxHxS.transpose(0, 1, 3, 2)
     return jnp.concatenate(dqs, axis=3), dk, dv, None
 
 
