@@ -192,6 +192,21 @@ def test_remat_keeps_only_each_layers_input():
     assert temps[True] < 0.4 * temps[False], temps
 
 
+def test_remat_keeps_the_attention_kernels_output():
+    """The checkpointed scan saves the blocked kernel's output and log-sum-exp
+    (attention.REMAT_SAVED), so the compiled backward recomputes the projections but not the
+    kernel's forward, whose row maxima (reduce_max) are its only reductions of that kind here."""
+    toks = jnp.zeros((2, 64), jnp.int32)
+    cfg = tiny_config("llama", n_layers=2, max_seq_len=64, remat=True, attention="blocked")
+    graphdef, state = nnx.split(Transformer(cfg, nnx.Rngs(0)))
+    step = jax.jit(jax.grad(lambda st: nnx.merge(graphdef, st)(toks, logits=False).hidden.sum()))
+    ops = [line for line in step.lower(state).compile().as_text().splitlines() if 'op_name="' in line]
+    recomputed = [line for line in ops if "rematted_computation" in line]
+    row_max = [line for line in ops if "reduce_max" in line]
+    assert recomputed and row_max, "no recomputation or no kernel forward in the compiled step"
+    assert not [line for line in recomputed if "reduce_max" in line]
+
+
 def test_cache_decode_equals_full_forward(any_tiny_config):
     """Logits at each decode step equal a full forward over the same (unpadded) prefix."""
     cfg = any_tiny_config

@@ -34,6 +34,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from jax.extend import backend as jax_backend
 
 from ava_jax.errors import ConfigError
@@ -182,8 +183,15 @@ def _attention(q, k, v, key_valid_BxT, bq: int):
     return _forward(q, k, v, key_valid_BxT, bq)[0]
 
 
+# Names of the residuals a rematerialised block keeps (`models.transformer._run_blocks_remat`): with
+# the output and log-sum-exp saved, the backward pass recomputes q, k and v but not the kernel's
+# forward, for one [B, T, N, H] and one [B, N, T] array per layer.
+REMAT_SAVED = ("blocked_attention_out", "blocked_attention_lse")
+
+
 def _attention_fwd(q, k, v, key_valid_BxT, bq):
     o, lse = _forward(q, k, v, key_valid_BxT, bq)
+    o, lse = checkpoint_name(o, REMAT_SAVED[0]), checkpoint_name(lse, REMAT_SAVED[1])
     return o, (q, k, v, key_valid_BxT, o, lse)
 
 

@@ -8,6 +8,8 @@ LM logits, and optionally reads and writes a KV cache for generation.
 """
 from __future__ import annotations
 
+import functools
+
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -197,9 +199,13 @@ def _run_blocks_remat(graphdef, stacked, x_BxTxD, pos_BxT, mask):
     depth (docs/performance.md). The blocks keep their own parameter trees (checkpoint layout, LoRA
     adapters, sharding rules); `_stacked_blocks` stacks them per step, which costs one copy of the
     block parameters and of their gradients.
+
+    The checkpoint keeps the blocked attention kernel's output and log-sum-exp
+    (`attention.REMAT_SAVED`), so the backward loop recomputes the projections around it but not
+    the kernel's forward; other attention paths name nothing and everything is recomputed.
     """
 
-    @jax.checkpoint
+    @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.save_only_these_names(*attn_lib.REMAT_SAVED))
     def step(x, state):
         y, _ = nnx.merge(graphdef, state)(x, pos_BxT, mask)
         return y, None
