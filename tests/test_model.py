@@ -192,19 +192,19 @@ def test_remat_keeps_only_each_layers_input():
     assert temps[True] < 0.4 * temps[False], temps
 
 
-def test_remat_keeps_the_attention_kernels_output():
-    """The checkpointed scan saves the blocked kernel's output and log-sum-exp
-    (attention.REMAT_SAVED), so the compiled backward recomputes the projections but not the
-    kernel's forward, whose row maxima (reduce_max) are its only reductions of that kind here."""
+def test_remat_keeps_the_attention_kernels_inputs_and_output():
+    """The checkpointed scan saves the blocked kernel's q, k, v, output and log-sum-exp
+    (attention.REMAT_SAVED), so the compiled backward recomputes the MLP's products but neither the
+    q/k/v projections nor the kernel's forward (its row maxima are the step's only reduce_max)."""
     toks = jnp.zeros((2, 64), jnp.int32)
     cfg = tiny_config("llama", n_layers=2, max_seq_len=64, remat=True, attention="blocked")
     graphdef, state = nnx.split(Transformer(cfg, nnx.Rngs(0)))
     step = jax.jit(jax.grad(lambda st: nnx.merge(graphdef, st)(toks, logits=False).hidden.sum()))
     ops = [line for line in step.lower(state).compile().as_text().splitlines() if 'op_name="' in line]
     recomputed = [line for line in ops if "rematted_computation" in line]
-    row_max = [line for line in ops if "reduce_max" in line]
-    assert recomputed and row_max, "no recomputation or no kernel forward in the compiled step"
-    assert not [line for line in recomputed if "reduce_max" in line]
+    assert [line for line in recomputed if "btd,df->btf" in line], "the MLP is no longer recomputed"
+    assert [line for line in ops if "reduce_max" in line] and [line for line in ops if "btd,dnh->btnh" in line]
+    assert not [line for line in recomputed if "reduce_max" in line or "btd,dnh->btnh" in line]
 
 
 def test_cache_decode_equals_full_forward(any_tiny_config):

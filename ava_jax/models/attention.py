@@ -147,6 +147,8 @@ def blocked_causal_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, key_valid_BxT, sca
     q_BxKxGxTxH = (q_BxTxNxH.astype(f32) * scale).reshape(B, T, K, N // K, H).transpose(0, 2, 3, 1, 4)
     k_BxKxSxH = k_BxTxKxH.astype(f32).transpose(0, 2, 1, 3)
     v_BxKxSxH = v_BxTxKxH.astype(f32).transpose(0, 2, 1, 3)
+    q_BxKxGxTxH, k_BxKxSxH, v_BxKxSxH = (checkpoint_name(x, name) for x, name in
+                                         zip((q_BxKxGxTxH, k_BxKxSxH, v_BxKxSxH), REMAT_SAVED[:3]))
     o_BxKxGxTxH = _attention(q_BxKxGxTxH, k_BxKxSxH, v_BxKxSxH, key_valid_BxT, block_q or block_size(T))
     return o_BxKxGxTxH.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H).astype(q_BxTxNxH.dtype)
 
@@ -183,15 +185,16 @@ def _attention(q, k, v, key_valid_BxT, bq: int):
     return _forward(q, k, v, key_valid_BxT, bq)[0]
 
 
-# Names of the residuals a rematerialised block keeps (`models.transformer._run_blocks_remat`): with
-# the output and log-sum-exp saved, the backward pass recomputes q, k and v but not the kernel's
-# forward, for one [B, T, N, H] and one [B, N, T] array per layer.
-REMAT_SAVED = ("blocked_attention_out", "blocked_attention_lse")
+# Names of the residuals a rematerialised block keeps (`models.transformer._run_blocks_remat`): the
+# kernel's inputs (heads-major q, k, v), its output and its rows' log-sum-exp, so the backward pass
+# recomputes neither the q/k/v projections, RoPE and layout changes nor the kernel's forward. Per
+# layer that is q and the output ([B, T, N, H] each), k and v ([B, T, K, H]) and [B, N, T].
+REMAT_SAVED = tuple(f"blocked_attention_{x}" for x in ("q", "k", "v", "out", "lse"))
 
 
 def _attention_fwd(q, k, v, key_valid_BxT, bq):
     o, lse = _forward(q, k, v, key_valid_BxT, bq)
-    o, lse = checkpoint_name(o, REMAT_SAVED[0]), checkpoint_name(lse, REMAT_SAVED[1])
+    o, lse = checkpoint_name(o, REMAT_SAVED[3]), checkpoint_name(lse, REMAT_SAVED[4])
     return o, (q, k, v, key_valid_BxT, o, lse)
 
 

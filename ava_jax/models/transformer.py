@@ -200,9 +200,10 @@ def _run_blocks_remat(graphdef, stacked, x_BxTxD, pos_BxT, mask):
     adapters, sharding rules); `_stacked_blocks` stacks them per step, which costs one copy of the
     block parameters and of their gradients.
 
-    The checkpoint keeps the blocked attention kernel's output and log-sum-exp
-    (`attention.REMAT_SAVED`), so the backward loop recomputes the projections around it but not
-    the kernel's forward; other attention paths name nothing and everything is recomputed.
+    The checkpoint keeps the blocked attention kernel's inputs, output and log-sum-exp
+    (`attention.REMAT_SAVED`), so the backward loop recomputes the norms and the MLP but not the
+    q/k/v projections or the kernel's forward; other attention paths name nothing and the whole
+    block is recomputed.
     """
 
     @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.save_only_these_names(*attn_lib.REMAT_SAVED))
