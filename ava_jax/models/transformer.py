@@ -193,7 +193,8 @@ def _run_blocks_remat(graphdef, stacked, x_BxTxD, pos_BxT, mask):
     Rematerialisation only saves memory when the recomputation cannot be scheduled next to the
     forward: XLA (on CPU at least, jax-ml/jax#19822) keeps every `jax.checkpoint`ed block's
     activations when the blocks are an unrolled Python loop, but a scan's backward loop has to
-    recompute each step's body, so only the [B, T, D] carry of every layer is kept. The loop body
+    recompute each step's body, so only the [B, T, D] carry of every layer (and what the policy
+    below names) is kept. The loop body
     is also a fusion boundary: unrolled, XLA:CPU fuses the residual stream's gradient through every
     later layer into each layer's weight-gradient operands and recomputes it there, quadratic in
     depth (docs/performance.md). The blocks keep their own parameter trees (checkpoint layout, LoRA
@@ -201,8 +202,9 @@ def _run_blocks_remat(graphdef, stacked, x_BxTxD, pos_BxT, mask):
     block parameters and of their gradients.
 
     The checkpoint keeps the blocked attention kernel's inputs, output and log-sum-exp
-    (`attention.REMAT_SAVED`), so the backward loop recomputes the norms and the MLP but not the
-    q/k/v projections or the kernel's forward; other attention paths name nothing and the whole
+    (`attention.REMAT_SAVED`), so the backward loop recomputes the norms, the output projection and
+    the MLP but not the q/k/v projections or the kernel's forward (the tiny model's train step:
+    about a third faster, docs/performance.md); other attention paths name nothing and the whole
     block is recomputed.
     """
 
