@@ -194,10 +194,9 @@ def _run_blocks_remat(graphdef, stacked, x_BxTxD, pos_BxT, mask):
     forward: XLA (on CPU at least, jax-ml/jax#19822) keeps every `jax.checkpoint`ed block's
     activations when the blocks are an unrolled Python loop, but a scan's backward loop has to
     recompute each step's body, so only the [B, T, D] carry of every layer (and what the policy
-    below names) is kept. The loop body
-    is also a fusion boundary: unrolled, XLA:CPU fuses the residual stream's gradient through every
-    later layer into each layer's weight-gradient operands and recomputes it there, quadratic in
-    depth (docs/performance.md). The blocks keep their own parameter trees (checkpoint layout, LoRA
+    below names) is kept. The loop body is also a fusion boundary: unrolled, XLA:CPU fuses the
+    residual stream's gradient through every later layer into each layer's weight-gradient operands
+    and recomputes it there, quadratic in depth (docs/performance.md). The blocks keep their own parameter trees (checkpoint layout, LoRA
     adapters, sharding rules); `_stacked_blocks` stacks them per step, which costs one copy of the
     block parameters and of their gradients.
 
