@@ -42,6 +42,12 @@ from ava_jax.models.config import ATTENTION_IMPLS, ModelConfig
 
 _NEG = -1e30  # finite, so a fully masked row (never produced here) could not give NaN
 
+# Names of the residuals a rematerialised block keeps (`models.transformer._run_blocks_remat`): the
+# kernel's inputs (heads-major q, k, v), its output and its rows' log-sum-exp, so the backward pass
+# recomputes neither the q/k/v projections, RoPE and layout changes nor the kernel's forward. Per
+# layer that is q and the output ([B, T, N, H] each), k and v ([B, T, K, H]) and [B, N, T].
+REMAT_SAVED = tuple(f"blocked_attention_{x}" for x in ("q", "k", "v", "out", "lse"))
+
 
 def block_size(T: int) -> int:
     """Query rows per block: 32 keeps a block's scores in L2, at most 16 blocks bound compile time."""
@@ -145,10 +151,9 @@ def blocked_causal_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, key_valid_BxT, sca
     f32 = jnp.float32
     # Heads-major: a key/value head's G query heads stack their rows (g, t) over the same keys.
     q_BxKxGxTxH = (q_BxTxNxH.astype(f32) * scale).reshape(B, T, K, N // K, H).transpose(0, 2, 3, 1, 4)
-    k_BxKxSxH = k_BxTxKxH.astype(f32).transpose(0, 2, 1, 3)
-    v_BxKxSxH = v_BxTxKxH.astype(f32).transpose(0, 2, 1, 3)
-    q_BxKxGxTxH, k_BxKxSxH, v_BxKxSxH = (checkpoint_name(x, name) for x, name in
-                                         zip((q_BxKxGxTxH, k_BxKxSxH, v_BxKxSxH), REMAT_SAVED[:3]))
+    q_BxKxGxTxH = checkpoint_name(q_BxKxGxTxH, REMAT_SAVED[0])
+    k_BxKxSxH = checkpoint_name(k_BxTxKxH.astype(f32).transpose(0, 2, 1, 3), REMAT_SAVED[1])
+    v_BxKxSxH = checkpoint_name(v_BxTxKxH.astype(f32).transpose(0, 2, 1, 3), REMAT_SAVED[2])
     o_BxKxGxTxH = _attention(q_BxKxGxTxH, k_BxKxSxH, v_BxKxSxH, key_valid_BxT, block_q or block_size(T))
     return o_BxKxGxTxH.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H).astype(q_BxTxNxH.dtype)
 
@@ -183,13 +188,6 @@ def _forward(q, k, v, key_valid_BxT, bq: int):
 def _attention(q, k, v, key_valid_BxT, bq: int):
     """q [B, K, G, T, H] (already scaled), k and v [B, K, S, H] -> [B, K, G, T, H]."""
     return _forward(q, k, v, key_valid_BxT, bq)[0]
-
-
-# Names of the residuals a rematerialised block keeps (`models.transformer._run_blocks_remat`): the
-# kernel's inputs (heads-major q, k, v), its output and its rows' log-sum-exp, so the backward pass
-# recomputes neither the q/k/v projections, RoPE and layout changes nor the kernel's forward. Per
-# layer that is q and the output ([B, T, N, H] each), k and v ([B, T, K, H]) and [B, N, T].
-REMAT_SAVED = tuple(f"blocked_attention_{x}" for x in ("q", "k", "v", "out", "lse"))
 
 
 def _attention_fwd(q, k, v, key_valid_BxT, bq):

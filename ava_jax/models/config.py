@@ -87,8 +87,8 @@ class ModelConfig:
             object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
         if self.attention == "cudnn" and not self.cudnn_fits():
             raise ConfigError(f"model.attention='cudnn' needs model.dtype in {CUDNN_DTYPES} and a head dim that is a "
-                             f"multiple of 8 up to {CUDNN_MAX_HEAD_DIM}; got dtype={self.dtype!r}, "
-                             f"head_dim={self.head_dim}. Use model.attention='auto' or 'xla'.")
+                              f"multiple of 8 up to {CUDNN_MAX_HEAD_DIM}; got dtype={self.dtype!r}, "
+                              f"head_dim={self.head_dim}. Use model.attention='auto' or 'xla'.")
 
     def cudnn_fits(self) -> bool:
         """Whether cuDNN's fused attention takes this shape and compute dtype."""

@@ -196,9 +196,9 @@ def _run_blocks_remat(graphdef, stacked, x_BxTxD, pos_BxT, mask):
     recompute each step's body, so only the [B, T, D] carry of every layer (and what the policy
     below names) is kept. The loop body is also a fusion boundary: unrolled, XLA:CPU fuses the
     residual stream's gradient through every later layer into each layer's weight-gradient operands
-    and recomputes it there, quadratic in depth (docs/performance.md). The blocks keep their own parameter trees (checkpoint layout, LoRA
-    adapters, sharding rules); `_stacked_blocks` stacks them per step, which costs one copy of the
-    block parameters and of their gradients.
+    and recomputes it there, quadratic in depth (docs/performance.md). The blocks keep their own
+    parameter trees (checkpoint layout, LoRA adapters, sharding rules); `_stacked_blocks` stacks
+    them per step, which costs one copy of the block parameters and of their gradients.
 
     The checkpoint keeps the blocked attention kernel's inputs, output and log-sum-exp
     (`attention.REMAT_SAVED`), so the backward loop recomputes the norms, the output projection and
@@ -207,7 +207,8 @@ def _run_blocks_remat(graphdef, stacked, x_BxTxD, pos_BxT, mask):
     block is recomputed.
     """
 
-    @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.save_only_these_names(*attn_lib.REMAT_SAVED))
+    @functools.partial(jax.checkpoint,
+                       policy=jax.checkpoint_policies.save_only_these_names(*attn_lib.REMAT_SAVED))
     def step(x, state):
         y, _ = nnx.merge(graphdef, state)(x, pos_BxT, mask)
         return y, None
