@@ -1,4 +1,4 @@
-"""Per-token reward means (and sigmas) of a trained model, for plots and the ground-truth diagnostics.
+"""Per-token reward means of a trained model, for the ground-truth diagnostics.
 
 `reader` is an objective's per-transition reward reader (`objectives.get(name).reward_reader(cfg)`):
 `reader(model, side) -> (mu_BxN, sigma_BxN, mask_BxN)`, transition t's action being token t+1.
@@ -13,35 +13,36 @@ from flax import nnx
 from ava_jax.data import make_dataset
 
 
-def response_rewards(graphdef, params, reader, side: dict):
-    """Per-transition reward means and sigmas of one batch side, for plots.
-
-    Args:
-      reader: the objective's reward reader.
-      side: {"tokens_BxT", "mask_BxT", "prompt_len_B"} arrays (one side of a pair batch).
-
-    Returns:
-      (mu_BxN, sigma_BxN, mask_BxN) as NumPy: transition t's action is token t+1; mask marks the
-      response transitions. For the baselines sigma is 0.
-    """
-    side = {k: jnp.asarray(v) for k, v in side.items()}
-    return tuple(np.asarray(x) for x in reader(nnx.merge(graphdef, params), side))
-
-
-def token_reward_means(graphdef, params, reader, arrays, length: int, pad_id: int, batch_size: int):
-    """mu[n, t] = the model's reward mean for the transition whose action is token t ([N, length]),
-    aligned with the ground-truth tasks' `true_reward[n, t]` (0 off the response)."""
+def make_token_reward_reader(reader, graphdef):
+    """The jitted `(params, side) -> mu [B, 1 + N]` (mu of transition t at column t + 1, the column of
+    its action token); build it once per run, as `reward.make_pair_scorer`, so every split and
+    side reuses the compiled program."""
     @jax.jit
     def one(params, side):
         mu_BxN = reader(nnx.merge(graphdef, params), side)[0]
         return jnp.pad(mu_BxN, ((0, 0), (1, 0)))
+    return one
 
-    ds = make_dataset(arrays, batch_size, 0, pad_id=pad_id, pad_to_multiple=None, shuffle=False, num_epochs=1,
-                      drop_remainder=False)
+
+def token_reward_means(token_reader, params, arrays, length: int, *, pad_id: int, batch_size: int,
+                       pad_to_multiple: int | None):
+    """mu[n, t] = the model's reward mean for the transition whose action is token t ([N, length]),
+    aligned with the ground-truth tasks' `true_reward[n, t]` (0 off the response).
+
+    token_reader: `make_token_reward_reader`'s function. Batches are padded on the right to a
+    multiple of `pad_to_multiple` (as the pairwise evaluation pads them) and the last short batch
+    with repeats of its first row, so a split compiles one program per length bucket, not one per
+    batch (the causal model's values at real positions do not depend on the padding after them).
+    """
+    ds = make_dataset(arrays, batch_size, 0, pad_id=pad_id, pad_to_multiple=pad_to_multiple, shuffle=False,
+                      num_epochs=1, drop_remainder=False)
     rows = []
     for batch in ds:
-        mu = np.asarray(jax.device_get(one(params, batch)))
-        full = np.zeros((mu.shape[0], length), np.float32)
+        n = batch["index_B"].shape[0]
+        if n < batch_size:
+            batch = jax.tree.map(lambda x: np.concatenate([x, np.repeat(x[:1], batch_size - n, axis=0)]), batch)
+        mu = np.asarray(jax.device_get(token_reader(params, batch)))[:n]
+        full = np.zeros((n, length), np.float32)
         full[:, : min(length, mu.shape[1])] = mu[:, :length]
         rows.append(full)
     return np.concatenate(rows)

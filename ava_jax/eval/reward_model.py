@@ -8,6 +8,7 @@ import numpy as np
 
 from ava_jax.eval.calibration import calibration_metrics, plot_reliability, preference_probability, reliability_bins
 from ava_jax.eval.ground_truth import ground_truth_diagnostics
+from ava_jax.eval.intermediate import make_token_reward_reader
 from ava_jax.eval.reward import make_pair_scorer, pair_scores, pairwise_metrics
 
 
@@ -28,6 +29,7 @@ class RewardModelEvaluator:
         self.objective, self.cfg, self.graphdef, self.splits = objective, cfg, graphdef, splits
         self.pad_id, self.batch_size, self.pad_to_multiple = pad_id, batch_size, pad_to_multiple
         self.scorer = make_pair_scorer(objective.score_fn(cfg, score), graphdef)
+        self._token_reader = None  # the ground-truth diagnostics' per-token reader, built on first use
 
     def scores(self, split: str, params) -> dict:
         return pair_scores(self.scorer, params, self.splits[split], batch_size=self.batch_size, pad_id=self.pad_id,
@@ -55,7 +57,9 @@ class RewardModelEvaluator:
                                  f"{self.objective.name}: P(chosen) = Phi(dmu / sigma), test pairs")
         diagnostics = {}
         if prefs is not None:
-            diagnostics = ground_truth_diagnostics(split, prefs, self.graphdef, params,
-                                                   self.objective.reward_reader(self.cfg), self.splits[split],
-                                                   pad_id=self.pad_id, batch_size=self.batch_size)
+            if self._token_reader is None:
+                self._token_reader = make_token_reward_reader(self.objective.reward_reader(self.cfg), self.graphdef)
+            diagnostics = ground_truth_diagnostics(split, prefs, self._token_reader, params, self.splits[split],
+                                                   pad_id=self.pad_id, batch_size=self.batch_size,
+                                                   pad_to_multiple=self.pad_to_multiple)
         return metrics, scores, diagnostics

@@ -1,0 +1,49 @@
+"""Per-token reward means for the ground-truth diagnostics: equal to the reader's values row by row,
+whatever the batching and padding, and one compiled program per length bucket."""
+import jax
+import numpy as np
+from flax import nnx
+
+from ava_jax import objectives
+from ava_jax.data import SeqArrays, collate_sequences
+from ava_jax.eval.intermediate import make_token_reward_reader, token_reward_means
+from ava_jax.models import TQR
+
+from conftest import tiny_config
+
+MAX_LEN = 32
+
+
+def _arrays(seed=0):
+    rng = np.random.default_rng(seed)
+    # Batches of 4: lengths up to 32, 17 and 9 (buckets 32, 24 and 16); one row fills its bucket exactly.
+    lens = [5, 17, 9, 32, 5, 9, 17, 5, 9]
+    n = len(lens)
+    tokens = tuple(rng.integers(3, 97, size=int(k)).astype(np.int32) for k in lens)
+    prompt = rng.integers(1, 4, size=n).astype(np.int32)
+    return SeqArrays(tokens=tokens, prompt_len_N=prompt, line_N=np.arange(1, n + 1, dtype=np.int32), max_len=MAX_LEN)
+
+
+def test_token_reward_means_match_each_row_alone():
+    model = TQR(tiny_config(max_seq_len=MAX_LEN), rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+    reader = objectives.get("ava_p").reward_reader()
+    arrays = _arrays()
+    token_reader = make_token_reward_reader(reader, graphdef)
+    alone = jax.jit(lambda p, side: reader(nnx.merge(graphdef, p), side)[0])  # compiled once per row length
+
+    got = token_reward_means(token_reader, params, arrays, MAX_LEN, pad_id=0, batch_size=4, pad_to_multiple=8)
+
+    assert got.shape == (len(arrays), MAX_LEN)
+    for i, toks in enumerate(arrays.tokens):
+        # The row alone, unpadded: transition t (action token t + 1) belongs in column t + 1.
+        side = collate_sequences([{"tokens": toks, "prompt_len": int(arrays.prompt_len_N[i]), "index": i}],
+                                 pad_id=0, pad_to_multiple=None, max_len=MAX_LEN)
+        mu_N = np.asarray(alone(params, side))[0]
+        np.testing.assert_allclose(got[i, 1:len(toks)], mu_N[:len(toks) - 1], rtol=1e-5, atol=1e-6)
+        assert got[i, 0] == 0.0
+    # Batches of 4 padded to multiples of 8, the last (1 row) padded to 4 rows: one program per bucket.
+    assert token_reader._cache_size() == 3
+    # A second side or split reuses the compiled programs.
+    token_reward_means(token_reader, params, arrays, MAX_LEN, pad_id=0, batch_size=4, pad_to_multiple=8)
+    assert token_reader._cache_size() == 3
