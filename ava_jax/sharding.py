@@ -33,17 +33,19 @@ replicated = P()
 act_bt = P(BATCH, None)
 act_btd = P(BATCH, None, None)
 
-# First match wins; paths look like "backbone/blocks/3/attn/wq".
+# First match wins (re.search); paths look like "backbone/blocks/3/attn/wq". A backbone on its own
+# ("embed") and the same weights inside a TQR or an actor-critic ("backbone/embed",
+# "critic_backbone/embed") get one spec, so a reference or initial policy is laid out as the policy.
 PARAM_RULES: tuple[tuple[str, P], ...] = (
-    (r"backbone/embed$", emb_vd),
-    (r"backbone/pos_embed$", pos_sd),
+    (r"(^|/)embed$", emb_vd),
+    (r"(^|/)pos_embed$", pos_sd),
     (r"attn/w[qkv]$", attn_q_dnh),
     (r"attn/wo$", attn_o_nhd),
     (r"attn/b[qkv]$", bias_nh),
     (r"mlp/(w_gate|w_up|w_fc)$", mlp_in_df),
     (r"mlp/(w_down|w_proj)$", mlp_out_fd),
     (r"mlp/b_fc$", bias_f),
-    (r"(backbone/lm_head|q_head/kernel|value_head/kernel)$", head_dv),
+    (r"((^|/)lm_head|q_head/kernel|value_head/kernel)$", head_dv),
     (r"weighting/w[qk]$", small_dw),
     (r".*", replicated),  # norms, output biases, the reward head
 )

@@ -37,6 +37,11 @@ def test_fit_spec_replicates_indivisible_dims():
     assert shd.fit_spec(P("fsdp", "tensor"), (32, 64), M) == P("fsdp", "tensor")
     assert shd.param_spec("backbone/blocks/0/attn/wq", (32, 8, 4), mesh) == P("fsdp", "tensor")
     assert shd.param_spec("backbone/ln_final/scale", (32,), mesh) == P()
+    # A backbone on its own (a reference, an initial policy) is laid out as inside a TQR or an actor-critic.
+    for name in ("embed", "pos_embed", "lm_head"):
+        shape = (96, 32)
+        assert (shd.param_spec(name, shape, mesh) == shd.param_spec(f"backbone/{name}", shape, mesh)
+                == shd.param_spec(f"critic_backbone/{name}", shape, mesh) != P())
 
 
 @pytest.mark.slow
@@ -45,3 +50,4 @@ def test_checkpoint_restores_onto_another_mesh_and_names_a_mismatched_tensor():
     stdout = _run_script("multidevice_restore.py")
     for shape in ("(2, 2, 2)", "(1, 1, 8)", "(1, 8, 1)"):
         assert f"restore onto mesh {shape}: identical parameters" in stdout
+
