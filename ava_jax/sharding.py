@@ -144,6 +144,21 @@ def place(tree, shardings):
     return jax.tree.map(one, tree, shardings)
 
 
+def place_module(module, mesh) -> None:
+    """Puts an NNX module's parameters in their shardings (`param_shardings`), in place.
+
+    For a model that is evaluated but never trained, beside a train state's (the initial policy
+    beside the trained one): its arrays then have the train state's shardings, and the jitted
+    evaluations (sampling, log-probs), whose cache keys include the input shardings, reuse the
+    programs compiled for it instead of compiling them again. Arrays already in place are kept (the
+    module is never donated); on several processes each one is built as `place` builds them.
+    """
+    from flax import nnx
+    params = nnx.state(module, nnx.Param)
+    shardings = param_shardings(params, mesh)
+    nnx.update(module, jax.device_put(params, shardings) if jax.process_count() == 1 else place(params, shardings))
+
+
 def is_primary() -> bool:
     """Process 0: the one that writes summaries, exports, plots and logs (every process writes its
     part of the checkpoints)."""

@@ -51,3 +51,33 @@ def test_checkpoint_restores_onto_another_mesh_and_names_a_mismatched_tensor():
     for shape in ("(2, 2, 2)", "(1, 1, 8)", "(1, 8, 1)"):
         assert f"restore onto mesh {shape}: identical parameters" in stdout
 
+
+def test_place_module_gives_an_evaluated_model_the_train_states_shardings():
+    """The initial policy, evaluated beside the trained one, must hit the same compiled programs:
+    jit keys its cache on input shardings, and a loaded model's arrays start unsharded."""
+    import numpy as np
+    import optax
+    from flax import nnx
+
+    from ava_jax.eval.policy import response_logprobs
+    from ava_jax.models import TQR
+    from ava_jax.train.step import init_train_state
+    from conftest import tiny_config
+
+    mesh = shd.make_mesh()
+    model = TQR(tiny_config(), rngs=nnx.Rngs(0))
+    initial = nnx.clone(model.backbone)
+    with jax.set_mesh(mesh):
+        graphdef, state = init_train_state(model, optax.sgd(0.1), mesh)
+        trained = nnx.merge(graphdef, state.params).backbone
+        before = [x.sharding for x in jax.tree.leaves(nnx.state(initial, nnx.Param))]
+        shd.place_module(initial, mesh)
+        after = [x.sharding for x in jax.tree.leaves(nnx.state(initial, nnx.Param))]
+        want = [x.sharding for x in jax.tree.leaves(nnx.state(trained, nnx.Param))]
+        assert before != want and after == want
+        prompts, responses = [[5, 6, 7], [8, 9]], [[10, 11], [12, 13, 14]]
+        lp0 = response_logprobs(initial, prompts, responses, pad_id=0, banned_ids=(96,), batch_size=2)
+        lp1 = response_logprobs(trained, prompts, responses, pad_id=0, banned_ids=(96,), batch_size=2)
+    np.testing.assert_array_equal(lp0, lp1)  # the same weights, the same program
+    from ava_jax.eval import policy
+    assert policy._response_logprob_fn(nnx.graphdef(trained), (96,))._cache_size() == 1

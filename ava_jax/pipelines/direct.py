@@ -305,6 +305,7 @@ def run(config: ml_collections.ConfigDict):
     # The baseline (and default reference), never trained: a copy of the weights, or with LoRA the
     # same base weights read without the adapters.
     initial = lora_run.initial(model) if lora_run else nnx.clone(model)
+    shd.place_module(initial, mesh)  # as the trained model's parameters: its evaluations share their programs
     reference = load_reference(config, initial, tokenizer)
     scfg = task_sampling(data_cfg, config.sampling, tokenizer)
     scfg = _sampling_reading(config, heads, lcfg, scfg)

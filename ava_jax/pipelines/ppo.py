@@ -247,6 +247,7 @@ def _run_ppo(config, pcfg, rcfg, data_cfg, rm_dir, policy_path, sft, t0) -> PpoR
     else:  # the reference and the baseline, never trained: a copy
         lora_run, initial = None, nnx.clone(policy)
         reference = initial
+    shd.place_module(initial, mesh)  # as the trained model's parameters: its evaluations share their programs
     scfg = direct.task_sampling(data_cfg, config.sampling, tokenizer)
     e, p = config.eval, config.ppo
     with jax.set_mesh(mesh):
