@@ -96,6 +96,42 @@ def test_actor_critic_values_start_at_zero_and_the_critic_can_be_separate():
         assert (ac.critic_backbone is None) != separate
 
 
+def test_the_actor_critic_and_its_initial_policy_are_evaluated_by_the_same_programs():
+    """PolicyEvaluation reads the LM alone, so the trained actor-critic and the initial Transformer
+    (placed as the train state places parameters) share the compiled sampler and log-prob passes."""
+    from ava_jax import sharding as shd
+    from ava_jax.data import PairArrays, SeqArrays
+    from ava_jax.pipelines import direct
+    from ava_jax.train import reference
+
+    rng = np.random.default_rng(0)
+
+    def seqs(n=6):
+        toks = tuple(np.concatenate([[1, 5 + i % 3], rng.integers(3, 97, size=4 + i)]).astype(np.int32)
+                     for i in range(n))
+        return SeqArrays(tokens=toks, prompt_len_N=np.full(n, 2, np.int32), line_N=np.arange(1, n + 1, dtype=np.int32),
+                         max_len=16)
+
+    test_arrays = PairArrays(seqs(), seqs())
+    mesh = shd.make_mesh()
+    policy = Transformer(tiny_config("llama"), nnx.Rngs(0))
+    initial = nnx.clone(policy)
+    scfg = SamplingConfig(max_new_tokens=4, temperature=1.0, prompt_bucket=8, new_bucket=4)
+    judging = direct.PolicyEvaluation(direct.heldout_prompts(test_arrays, 3), scfg, None, 0, jax.random.key(0), 2, 4,
+                                      test_arrays, 8)
+    with jax.set_mesh(mesh):
+        shd.place_module(initial, mesh)
+        ac = ActorCritic(policy, separate_critic=False)  # as the PPO run trains it
+        shd.place_module(ac, mesh)
+        before, _ = judging.evaluate(initial, initial)
+        after, _ = judging.evaluate(ac, initial)
+    assert before == after  # the same weights: the same samples, log-probs and held-out likelihood
+    assert reference._pair_fn(nnx.graphdef(initial))._cache_size() == 1
+    misses = reference._pair_fn.cache_info().misses
+    reference._pair_fn(nnx.graphdef(ac))
+    assert reference._pair_fn.cache_info().misses == misses + 1  # nothing was built for the actor-critic's graph
+
+
 @pytest.fixture(scope="module")
 def synthetic_rm(tmp_path_factory):
     """A tiny AVA-p reward model on the synthetic task (about 30 s), shared by the runs below."""

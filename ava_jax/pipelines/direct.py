@@ -269,7 +269,8 @@ class PolicyEvaluation:
             gold = self.judge(samples.prompts, samples.responses)
             m.update(gold_reward=float(gold.mean()), gold_reward_sd=float(gold.std(ddof=1)) if gold.size > 1 else 0.0)
             per["gold"] = gold
-        graphdef, params = nnx.split(model, nnx.Param)
+        # The LM alone: a PPO policy (an actor-critic) and its initial copy (a Transformer) share programs.
+        graphdef, params = nnx.split(backbone, nnx.Param)
         if isinstance(self.test_arrays, PairArrays):  # the chosen responses
             c, _, _ = pair_sequence_logprobs(graphdef, params, self.test_arrays, batch_size=self.batch_size,
                                              pad_id=self.pad_id, pad_to_multiple=self.pad_to_multiple)
