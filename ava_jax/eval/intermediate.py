@@ -1,4 +1,4 @@
-"""Per-token reward means of a trained model, for the ground-truth diagnostics.
+"""Per-token reward means (and sigmas) of a trained model, for plots and the ground-truth diagnostics.
 
 `reader` is an objective's per-transition reward reader (`objectives.get(name).reward_reader(cfg)`):
 `reader(model, side) -> (mu_BxN, sigma_BxN, mask_BxN)`, transition t's action being token t+1.
@@ -11,6 +11,21 @@ import numpy as np
 from flax import nnx
 
 from ava_jax.data import make_dataset
+
+
+def response_rewards(graphdef, params, reader, side: dict):
+    """Per-transition reward means and sigmas of one batch side, for plots.
+
+    Args:
+      reader: the objective's reward reader.
+      side: {"tokens_BxT", "mask_BxT", "prompt_len_B"} arrays (one side of a pair batch).
+
+    Returns:
+      (mu_BxN, sigma_BxN, mask_BxN) as NumPy: transition t's action is token t+1; mask marks the
+      response transitions. For the baselines sigma is 0.
+    """
+    side = {k: jnp.asarray(v) for k, v in side.items()}
+    return tuple(np.asarray(x) for x in reader(nnx.merge(graphdef, params), side))
 
 
 def make_token_reward_reader(reader, graphdef):
