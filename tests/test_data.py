@@ -331,6 +331,21 @@ def _toy_pairs(n=23):
     return data.tokenize_pairs(rows, ByteTokenizer(), max_len=32)[0]
 
 
+def test_eval_batches_cover_every_row_once_in_full_batches():
+    arrays = _toy_pairs(23)
+    seen = []
+    for batch, n in data.eval_batches(arrays, 4, pad_id=2, pad_to_multiple=8):
+        assert batch["index_B"].shape == (4,) and batch["chosen"]["tokens_BxT"].shape[0] == 4
+        assert batch["chosen"]["tokens_BxT"].shape[1] % 8 == 0
+        seen += batch["index_B"][:n].tolist()
+        if n < 4:  # the last batch: 23 = 5 * 4 + 3, filled with its first row
+            assert n == 3 and batch["index_B"].tolist() == [20, 21, 22, 20]
+            np.testing.assert_array_equal(batch["chosen"]["tokens_BxT"][3], batch["chosen"]["tokens_BxT"][0])
+    assert seen == list(range(23))
+    full = {"x": np.arange(8).reshape(4, 2)}
+    assert data.fill_rows(full, 4) is full
+
+
 def test_iterator_state_restore_mid_epoch():
     arrays = _toy_pairs()
     it = data.make_iterator(arrays, batch_size=4, seed=7, pad_id=2, pad_to_multiple=8)

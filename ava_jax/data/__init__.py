@@ -11,8 +11,8 @@ file as an array_record TFDS dataset that grain reads. `ava_jax.data.synthetic` 
 ground-truth synthetic MDP.
 """
 
-from ava_jax.data.batching import (bucket_length, collate_pairs, collate_sequences, make_dataset,
-                                   make_iterator, pad_sequences)
+from ava_jax.data.batching import (bucket_length, collate_pairs, collate_sequences, eval_batches, fill_rows,
+                                   make_dataset, make_iterator, pad_sequences)
 from ava_jax.data.readers import (DemonstrationRow, PreferenceRow, ReadReport, read_demonstrations,
                                   read_preferences)
 from ava_jax.data.splits import (HH_HARMLESS_BAD_COUNTS, HH_HARMLESS_BASE_TEST,

@@ -26,6 +26,7 @@ import functools
 from typing import Sequence
 
 import grain
+import jax
 import numpy as np
 
 from ava_jax.data.tokenization import PairArrays, SeqArrays
@@ -209,3 +210,23 @@ def make_iterator(arrays: PairArrays | SeqArrays, batch_size: int, seed: int, *,
     if read_options is None:
         read_options = grain.ReadOptions(num_threads=2, prefetch_buffer_size=8)
     return iter(ds.to_iter_dataset(read_options))
+
+
+def fill_rows(batch, batch_size: int):
+    """A batch (a pytree of arrays, rows first) of fewer than `batch_size` rows padded to `batch_size`
+    with repeats of its first row, so an evaluation's last short batch compiles no extra shape; keep
+    only the real rows of what the model returns. A full batch is returned as it is."""
+    n = len(jax.tree.leaves(batch)[0])
+    if n >= batch_size:
+        return batch
+    return jax.tree.map(lambda x: np.concatenate([x, np.repeat(x[:1], batch_size - n, axis=0)]), batch)
+
+
+def eval_batches(arrays: PairArrays | SeqArrays, batch_size: int, *, pad_id: int, pad_to_multiple: int | None):
+    """Yields (batch, n): every row once, in row order, in batches of exactly `batch_size` rows padded
+    to the length buckets of `pad_to_multiple`; the last batch is filled by `fill_rows` and only its
+    first n rows are real (`batch["index_B"][:n]` names them)."""
+    ds = make_dataset(arrays, batch_size, 0, pad_id=pad_id, pad_to_multiple=pad_to_multiple, shuffle=False,
+                      num_epochs=1, drop_remainder=False)
+    for batch in ds:
+        yield fill_rows(batch, batch_size), batch["index_B"].shape[0]

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ava_jax.data import make_dataset
+from ava_jax.data import eval_batches
 
 
 def response_rewards(graphdef, params, reader, side: dict):
@@ -44,18 +44,12 @@ def token_reward_means(token_reader, params, arrays, length: int, *, pad_id: int
     """mu[n, t] = the model's reward mean for the transition whose action is token t ([N, length]),
     aligned with the ground-truth tasks' `true_reward[n, t]` (0 off the response).
 
-    token_reader: `make_token_reward_reader`'s function. Batches are padded on the right to a
-    multiple of `pad_to_multiple` (as the pairwise evaluation pads them) and the last short batch
-    with repeats of its first row, so a split compiles one program per length bucket, not one per
-    batch (the causal model's values at real positions do not depend on the padding after them).
+    token_reader: `make_token_reward_reader`'s function. The rows go in `data.eval_batches`, as the
+    pairwise evaluation's do, so a split compiles one program per length bucket, not one per batch
+    (the causal model's values at real positions do not depend on the padding after them).
     """
-    ds = make_dataset(arrays, batch_size, 0, pad_id=pad_id, pad_to_multiple=pad_to_multiple, shuffle=False,
-                      num_epochs=1, drop_remainder=False)
     rows = []
-    for batch in ds:
-        n = batch["index_B"].shape[0]
-        if n < batch_size:
-            batch = jax.tree.map(lambda x: np.concatenate([x, np.repeat(x[:1], batch_size - n, axis=0)]), batch)
+    for batch, n in eval_batches(arrays, batch_size, pad_id=pad_id, pad_to_multiple=pad_to_multiple):
         mu = np.asarray(jax.device_get(token_reader(params, batch)))[:n]
         full = np.zeros((n, length), np.float32)
         full[:, : min(length, mu.shape[1])] = mu[:, :length]

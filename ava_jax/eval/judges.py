@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ava_jax.data import gold
+from ava_jax.data import fill_rows, gold
 from ava_jax.data import synthetic as syn
 
 
@@ -86,9 +86,8 @@ def score_sequences(rm, prompts, responses, *, pad_id: int, batch_size: int) -> 
     for i in range(0, len(rows), batch_size):
         sl = slice(i, i + batch_size)
         n = len(tokens[sl])
-        pad = lambda x: np.concatenate([x, np.repeat(x[:1], batch_size - n, 0)]) if n < batch_size else x
-        out.append(np.asarray(one(rm.params, jnp.asarray(pad(tokens[sl])), jnp.asarray(pad(mask[sl])),
-                                  jnp.asarray(pad(plen[sl]))))[:n])
+        batch = fill_rows((tokens[sl], mask[sl], plen[sl]), batch_size)
+        out.append(np.asarray(one(rm.params, *map(jnp.asarray, batch)))[:n])
     return np.concatenate(out).astype(np.float64)
 
 

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ava_jax.data import fill_rows
 from ava_jax.losses.lm import token_logprobs
 from ava_jax.sampling import SamplingConfig, generate, pad_prompts
 
@@ -87,8 +88,8 @@ def response_logprobs(backbone, prompts, responses, *, pad_id: int, banned_ids=(
     for i in range(0, len(tokens), batch_size):
         sl = slice(i, i + batch_size)
         n = len(tokens[sl])
-        pad = lambda x: np.concatenate([x, np.repeat(x[:1], batch_size - n, 0)]) if n < batch_size else x
-        out.append(np.asarray(one(state, pad(tokens[sl]), pad(mask[sl]), pad(plen[sl])))[:n])
+        batch = fill_rows((tokens[sl], mask[sl], plen[sl]), batch_size)
+        out.append(np.asarray(one(state, *batch))[:n])
     return np.concatenate(out).astype(np.float64)
 
 

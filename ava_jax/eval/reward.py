@@ -5,7 +5,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from ava_jax.data import make_dataset
+from ava_jax.data import eval_batches
 
 
 def make_pair_scorer(score_fn, graphdef):
@@ -25,13 +25,8 @@ def pair_scores(scorer, params, arrays, *, batch_size: int, pad_id: int, pad_to_
     where the objective has none) for chosen/rejected. The last short batch is padded with repeats
     of its first row so no extra shape is compiled.
     """
-    ds = make_dataset(arrays, batch_size, 0, pad_id=pad_id, pad_to_multiple=pad_to_multiple, shuffle=False,
-                      num_epochs=1, drop_remainder=False)
     out = {k: [] for k in ("score_c", "sigma_c", "lm_c", "score_r", "sigma_r", "lm_r")}
-    for batch in ds:
-        n = batch["index_B"].shape[0]
-        if n < batch_size:
-            batch = jax.tree.map(lambda x: np.concatenate([x, np.repeat(x[:1], batch_size - n, axis=0)]), batch)
+    for batch, n in eval_batches(arrays, batch_size, pad_id=pad_id, pad_to_multiple=pad_to_multiple):
         side_c, side_r = jax.device_get(scorer(params, {"chosen": batch["chosen"], "rejected": batch["rejected"]}))
         for k, v in zip(out, (*side_c, *side_r)):
             out[k].append(np.asarray(v[:n], np.float64))

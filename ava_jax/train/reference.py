@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from ava_jax.data import make_dataset
+from ava_jax.data import eval_batches
 from ava_jax.objectives.policy import pair_logprobs, response_logprobs
 
 log = logging.getLogger(__name__)
@@ -144,13 +144,8 @@ def sequence_logprobs_of(graphdef, params, arrays, *, batch_size: int, pad_id: i
     """[N] each row's summed response log-probs under the model's LM, for SeqArrays (demonstrations)."""
     one = _sequence_fn(graphdef)
 
-    ds = make_dataset(arrays, batch_size, 0, pad_id=pad_id, pad_to_multiple=pad_to_multiple, shuffle=False,
-                      num_epochs=1, drop_remainder=False)
     out = np.zeros(len(arrays), np.float32)
-    for batch in ds:
-        n = batch["index_B"].shape[0]
-        if n < batch_size:
-            batch = jax.tree.map(lambda x: np.concatenate([x, np.repeat(x[:1], batch_size - n, 0)]), batch)
+    for batch, n in eval_batches(arrays, batch_size, pad_id=pad_id, pad_to_multiple=pad_to_multiple):
         out[batch["index_B"][:n]] = np.asarray(one(params, {k: v for k, v in batch.items() if k != "index_B"}))[:n]
     return out
 
@@ -160,13 +155,8 @@ def pair_sequence_logprobs(graphdef, params, arrays, *, batch_size: int, pad_id:
     LM, in row order (jitted; the last short batch padded with repeats of its first row)."""
     one = _pair_fn(graphdef)
 
-    ds = make_dataset(arrays, batch_size, 0, pad_id=pad_id, pad_to_multiple=pad_to_multiple, shuffle=False,
-                      num_epochs=1, drop_remainder=False)
     chosen, rejected, batches = np.zeros(len(arrays), np.float32), np.zeros(len(arrays), np.float32), 0
-    for batch in ds:
-        n = batch["index_B"].shape[0]
-        if n < batch_size:
-            batch = jax.tree.map(lambda x: np.concatenate([x, np.repeat(x[:1], batch_size - n, 0)]), batch)
+    for batch, n in eval_batches(arrays, batch_size, pad_id=pad_id, pad_to_multiple=pad_to_multiple):
         c, r = jax.device_get(one(params, {"chosen": batch["chosen"], "rejected": batch["rejected"]}))
         idx = batch["index_B"][:n]
         chosen[idx], rejected[idx] = c[:n], r[:n]
