@@ -267,6 +267,14 @@ def test_first_minibatch_has_ratio_one_and_zero_kl(synthetic_rm):
                         nnx.clone(tqr.backbone), rows=8, minibatches=2, epochs=1, seed=0)
     batch = src.next_batch(types.SimpleNamespace(params=params), 0)
     assert abs(src.history[0]["objective/kl"]) < 1e-4
+    # The rollout is held on the host and its two minibatches share its rows out, each row once,
+    # without collecting again.
+    second = src.next_batch(types.SimpleNamespace(params=params), 1)
+    rollout = src._current[1].batch
+    assert len(src.history) == 1 and all(isinstance(v, np.ndarray) for v in (*rollout.values(), *second.values()))
+    for k, v in rollout.items():
+        both = np.concatenate([batch[k], second[k]])
+        assert sorted(map(bytes, both)) == sorted(map(bytes, v)), k
     _, m = make_ppo_loss(PpoConfig(), temperature=1.0)(nnx.merge(graphdef, params), batch, None, {})
     mean = {k: float(s / c) for k, (s, c) in m.items()}
     assert mean["ratio"] == pytest.approx(1.0, abs=1e-5) and mean["policy/approxkl"] < 1e-9

@@ -108,7 +108,7 @@ def _advantage_fn(cfg: PpoConfig):
 
 @dataclasses.dataclass
 class Rollout:
-    batch: dict  # BATCH_KEYS -> [rows, ...] device arrays
+    batch: dict  # BATCH_KEYS -> [rows, ...] host arrays (numpy)
     metrics: dict
     prompts: list
     responses: list
@@ -250,6 +250,10 @@ class RolloutSource:
             jnp.float32(state["reward_scale"]))
         batch = {"tokens_BxT": tokens, "mask_BxT": mask, "response_mask_BxN": gen.mask, "old_logp_BxN": logp,
                  "old_values_BxN": jnp.where(gen.mask, values, 0.0), "advantages_BxN": adv, "returns_BxN": returns}
+        # Held on the host: next_batch slices a minibatch out of it every step, and a slice of a numpy
+        # array is free, while indexing a device array is an op of its own, queued behind the step
+        # in flight (50 ms a minibatch in the default run). The step puts the rows in its shardings.
+        batch = jax.device_get(batch)
         kl_sum = np.asarray(kl, np.float64).sum(1)
         score_sum = np.asarray(score, np.float64).sum(1)
         lengths = resp_mask.sum(1)
