@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ava_jax import xla
 from ava_jax.checkpoints import gguf, hf, llama2c
 from ava_jax.models.config import ModelConfig
 from ava_jax.models.heads import HeadConfig
@@ -77,7 +78,7 @@ def build_model(cfg: ModelConfig, heads: HeadConfig | None, params, seed: int = 
         return nnx.state(nnx.merge(graphdef, state), _not_backbone)
 
     # One trace gives both the abstract model and the heads' values (tracing the model is the slow part).
-    head_state = jax.jit(init_heads)()
+    head_state = xla.jit(init_heads)()
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract.pop("state"))
     model = nnx.merge(abstract["graphdef"], shapes)
     nnx.update(model, head_state)

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ava_jax import xla
 from ava_jax.data import eval_batches
 
 
@@ -32,7 +33,7 @@ def make_token_reward_reader(reader, graphdef):
     """The jitted `(params, side) -> mu [B, 1 + N]` (mu of transition t at column t + 1, the column of
     its action token); build it once per run, as `reward.make_pair_scorer`, so every split and
     side reuses the compiled program."""
-    @jax.jit
+    @xla.jit
     def one(params, side):
         mu_BxN = reader(nnx.merge(graphdef, params), side)[0]
         return jnp.pad(mu_BxN, ((0, 0), (1, 0)))

@@ -11,11 +11,11 @@ from __future__ import annotations
 import functools
 from typing import Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ava_jax import xla
 from ava_jax.data import fill_rows, gold
 from ava_jax.data import synthetic as syn
 
@@ -64,7 +64,7 @@ def _score_fn(graphdef, objective: str, loss_config, score: str):
     from ava_jax import objectives
     score_fn = objectives.get(objective).score_fn(loss_config, score)
 
-    @jax.jit
+    @xla.jit
     def one(params, tokens, mask, plen):
         side = {"tokens_BxT": tokens, "mask_BxT": mask, "prompt_len_B": plen}
         return score_fn(nnx.merge(graphdef, params), side)[0]

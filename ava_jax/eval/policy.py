@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ava_jax import xla
 from ava_jax.data import fill_rows
 from ava_jax.losses.lm import token_logprobs
 from ava_jax.sampling import SamplingConfig, generate, pad_prompts
@@ -62,7 +63,7 @@ def _response_logprob_fn(graphdef, banned_ids: tuple[int, ...]):
     reuses the compiled program instead of tracing a fresh closure."""
     banned = np.asarray(banned_ids, np.int32)
 
-    @jax.jit
+    @xla.jit
     def one(state, tokens, mask, plen):
         logits = nnx.merge(graphdef, state)(tokens, mask).logits.astype(jnp.float32)
         if banned.size:

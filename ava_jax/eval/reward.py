@@ -5,13 +5,14 @@ import jax
 import numpy as np
 from flax import nnx
 
+from ava_jax import xla
 from ava_jax.data import eval_batches
 
 
 def make_pair_scorer(score_fn, graphdef):
     """The jitted `(params, batch) -> ((score_c, sigma_c, lm_c), (score_r, sigma_r, lm_r))`; build it
     once per run so repeated evaluations reuse the compiled program."""
-    @jax.jit
+    @xla.jit
     def both(params, batch):
         model = nnx.merge(graphdef, params)
         return score_fn(model, batch["chosen"]), score_fn(model, batch["rejected"])

@@ -35,6 +35,7 @@ from flax import nnx
 from ava_jax import config as cfglib
 from ava_jax import objectives
 from ava_jax import sharding as shd
+from ava_jax import xla
 from ava_jax.data import make_dataset, make_iterator
 from ava_jax.data import synthetic as syn
 from ava_jax.data.load import DataConfig, load_demonstration_splits, load_pair_splits
@@ -447,7 +448,7 @@ def _afd_splits(config, demos: dict, initial, tokenizer, scfg):
 def _validation_loss(graphdef, loss_fn, arrays, transform, frozen, batch_size, pad_id, pad_multiple, fixed=None):
     """`fn(params) -> {metric: mean}` of the objective on the validation pairs (the loop's evaluation);
     fixed: the parameters the state does not train (LoRA's base weights)."""
-    @jax.jit
+    @xla.jit
     def one(params, frozen_params, fixed, batch):  # the frozen models' parameters are arguments, as in the step
         model = nnx.merge(graphdef, params, *(() if fixed is None else (fixed,)))
         return loss_fn(model, batch, None, frozen.merge(frozen_params, fixed))[1]

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import functools
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from ava_jax import xla
 
 
 def char_ends(tokenizer, prefix_ids, ids) -> np.ndarray:
@@ -64,7 +65,7 @@ def _rm_rows_fn(graphdef, objective: str, loss_config, score: str, mode: str):
     reader = obj.reward_reader(loss_config) if mode == "dense" else None
     score_fn = obj.score_fn(loss_config, score) if mode == "sparse" else None
 
-    @jax.jit
+    @xla.jit
     def one(params, tokens, mask, plen):
         model = nnx.merge(graphdef, params)
         side = {"tokens_BxT": tokens, "mask_BxT": mask, "prompt_len_B": plen}

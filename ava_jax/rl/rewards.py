@@ -17,11 +17,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ava_jax import xla
 from ava_jax.errors import ConfigError
 
 MODES = ("dense", "sparse")
@@ -83,7 +83,7 @@ def _reward_fn(graphdef, objective: str, loss_config, score: str, mode: str, pes
     reader = obj.reward_reader(loss_config) if mode == "dense" else None
     score_fn = obj.score_fn(loss_config, score) if mode == "sparse" else None
 
-    @jax.jit
+    @xla.jit
     def one(params, tokens_BxT, mask_BxT, prompt_len_B, response_mask_BxN):
         model = nnx.merge(graphdef, params)
         side = {"tokens_BxT": tokens_BxT, "mask_BxT": mask_BxT, "prompt_len_B": prompt_len_B}

@@ -33,6 +33,7 @@ from flax import nnx
 
 from ava_jax import sharding as shd
 
+from ava_jax import xla
 from ava_jax.losses.ppo import PpoConfig, gae, kl_estimate, masked_whiten
 from ava_jax.rl.ppo import lm_response_logprobs, policy_outputs
 from ava_jax.rl.rewards import RewardConfig, dense_stats, last_index, reward_tensor
@@ -74,7 +75,7 @@ def left_pad(prompts, pad_id: int, width: int):
 
 @functools.cache
 def _policy_fn(graphdef, n: int, temperature: float, banned: tuple[int, ...]):
-    @jax.jit
+    @xla.jit
     def one(params, tokens, mask):
         logp, _, values = policy_outputs(nnx.merge(graphdef, params), tokens, mask, n, temperature, banned)
         return logp, values
@@ -83,7 +84,7 @@ def _policy_fn(graphdef, n: int, temperature: float, banned: tuple[int, ...]):
 
 @functools.cache
 def _reference_fn(graphdef, n: int, temperature: float, banned: tuple[int, ...]):
-    @jax.jit
+    @xla.jit
     def one(params, tokens, mask):
         return lm_response_logprobs(nnx.merge(graphdef, params), tokens, mask, n, temperature, banned)
     return one
@@ -91,7 +92,7 @@ def _reference_fn(graphdef, n: int, temperature: float, banned: tuple[int, ...])
 
 @functools.cache
 def _advantage_fn(cfg: PpoConfig):
-    @jax.jit
+    @xla.jit
     def one(scores_BxN, penalty_B, logp, ref_logp, values, mask, kl_coef, scale):
         m = mask.astype(bool)
         kl = jnp.where(m, kl_estimate(logp, ref_logp, cfg.kl_estimator, cfg.kl_clamp), 0.0)

@@ -21,6 +21,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from ava_jax import xla
 from ava_jax.data import eval_batches
 from ava_jax.objectives.policy import pair_logprobs, response_logprobs
 
@@ -124,7 +125,7 @@ class ReferenceCache:
 # One compiled program per model graph: evaluations along training reuse it (closures would retrace).
 @functools.cache
 def _sequence_fn(graphdef):
-    @jax.jit
+    @xla.jit
     def one(params, batch):
         model = nnx.merge(graphdef, params)
         return response_logprobs(model, batch["tokens_BxT"], batch["mask_BxT"], batch["prompt_len_B"])[0]
@@ -133,7 +134,7 @@ def _sequence_fn(graphdef):
 
 @functools.cache
 def _pair_fn(graphdef):
-    @jax.jit
+    @xla.jit
     def one(params, batch):
         (c, r), _ = pair_logprobs(nnx.merge(graphdef, params), batch)
         return c, r

@@ -22,6 +22,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ava_jax import sharding as shd
+from ava_jax import xla
 
 
 @flax.struct.dataclass
@@ -65,14 +66,14 @@ def abstract_train_state(model_fn: Callable[[], nnx.Module], optimizer, mesh):
     def make():
         return nnx.split(model_fn(), nnx.Param)[1]
 
-    params = jax.jit(make, out_shardings=param_sh)()
+    params = xla.jit(make, out_shardings=param_sh)()
     return graphdef, _state(params, optimizer, mesh)
 
 
 def _state(params, optimizer, mesh) -> TrainState:
     params_sh = jax.tree.map(lambda x: x.sharding, params)
     opt_sh = shd.state_shardings(jax.eval_shape(optimizer.init, params), params_sh, mesh)
-    opt_state = jax.jit(optimizer.init, out_shardings=opt_sh)(params)
+    opt_state = xla.jit(optimizer.init, out_shardings=opt_sh)(params)
     # Separate buffers: donation forbids two state leaves sharing one.
     zeros = [shd.place(jnp.zeros((), jnp.int32), NamedSharding(mesh, P())) for _ in range(2)]
     return TrainState(step=zeros[0], params=params, opt_state=opt_state, bad_steps=zeros[1])
@@ -253,7 +254,7 @@ def make_train_step(graphdef, loss_fn, optimizer: optax.GradientTransformation, 
         metrics["grad_norm"] = (jnp.where(ok, optax.tree.norm(grads), 0.0), ok.astype(jnp.float32))
         return new_state, metrics
 
-    jitted = jax.jit(step, in_shardings=(state_sh, batch_sh, replicated, frozen_sh, fixed_sh),
+    jitted = xla.jit(step, in_shardings=(state_sh, batch_sh, replicated, frozen_sh, fixed_sh),
                      out_shardings=(state_sh, replicated),
                      donate_argnames=("state",) if options.donate else ())
     return TrainStep(jitted, frozen, batch_sh, fixed)

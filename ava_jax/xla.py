@@ -1,0 +1,34 @@
+"""How the package's programs are compiled: `jit` is `jax.jit` with the XLA options of the backend.
+
+On CPU, XLA's LLVM back end runs at -O2 instead of its default -O3. Measured on this project's
+programs (docs/performance.md, eighth pass): the same run times (the products run in libraries and
+XLA's own emitters vectorise the fusions), and a quarter to a third of the compile time of a
+padding-masked forward (2.6 s -> 0.7 s for the TinyStories model's rollout-sized log-probs; -O3
+unrolls the hoisted boolean masks of the attention blocks into large vector code) and about a
+tenth of a train step's. The main job's run went 53.5 -> 48-51 s. Results agree with -O3 to float32
+rounding (the vectorised reductions may sum in another order). Accelerators keep XLA's defaults.
+Every program of a run is compiled once, so for the short runs the lab repeats over seeds compile
+time is a large part of the wall time.
+
+The options are looked up when the function is jitted, after the backend is initialised (jitting
+inside the functions that use it, or inside a `functools.cache` factory, does that).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+
+CPU_OPTIONS = {"xla_backend_optimization_level": 2}
+
+
+def compiler_options() -> dict | None:
+    """The XLA options this package compiles with on the default backend (None: XLA's defaults)."""
+    return dict(CPU_OPTIONS) if jax.default_backend() == "cpu" else None
+
+
+def jit(fun=None, /, **kwargs):
+    """`jax.jit(fun, **kwargs)` compiled with `compiler_options()`; usable as `@jit` or `@jit(...)`."""
+    if fun is None:
+        return functools.partial(jit, **kwargs)
+    return jax.jit(fun, compiler_options=compiler_options(), **kwargs)
