@@ -100,6 +100,8 @@ def _next_token(logits_BxV, key, cfg: SamplingConfig):
     return token_B.astype(jnp.int32), logp_B
 
 
+# XLA's default options, not xla.jit's: the decode loop runs many steps per compile, and -O2 measured
+# 2-4% slower here (docs/performance.md, eighth pass).
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "n_new"))
 def _generate(graphdef, state, tokens_BxP, mask_BxP, key, *, cfg: SamplingConfig, n_new: int):
     model: Transformer = nnx.merge(graphdef, state)

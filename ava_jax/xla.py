@@ -2,13 +2,13 @@
 
 On CPU, XLA's LLVM back end runs at -O2 instead of its default -O3. Measured on this project's
 programs (docs/performance.md, eighth pass): the same run times (the products run in libraries and
-XLA's own emitters vectorise the fusions), and a quarter to a third of the compile time of a
-padding-masked forward (2.6 s -> 0.7 s for the TinyStories model's rollout-sized log-probs; -O3
-unrolls the hoisted boolean masks of the attention blocks into large vector code) and about a
-tenth of a train step's. The main job's run went 53.5 -> 48-51 s. Results agree with -O3 to float32
-rounding (the vectorised reductions may sum in another order). Accelerators keep XLA's defaults.
-Every program of a run is compiled once, so for the short runs the lab repeats over seeds compile
-time is a large part of the wall time.
+XLA's own emitters vectorise the fusions), and a quarter of the compile time of a padding-masked
+forward (2.6 -> 0.7 s for the TinyStories model's rollout-sized log-probs: -O3 unrolls the attention
+blocks' hoisted boolean masks into large vector code) and 0.5-1.5 s less for a train step. Every
+program of a run compiles once, so for the short runs the lab repeats over seeds compile time is a
+large part of the wall time: the PPO default went 152 -> 117 s. Results agree with -O3 to float32
+rounding (vectorised reductions may sum in another order). Accelerators keep XLA's defaults, and so
+does the decode loop (`sampling`), whose run time counts more than its compile.
 
 The options are looked up when the function is jitted, after the backend is initialised (jitting
 inside the functions that use it, or inside a `functools.cache` factory, does that).
