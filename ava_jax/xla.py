@@ -16,6 +16,7 @@ inside the functions that use it, or inside a `functools.cache` factory, does th
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 
@@ -23,8 +24,15 @@ CPU_OPTIONS = {"xla_backend_optimization_level": 2}
 
 
 def compiler_options() -> dict | None:
-    """The XLA options this package compiles with on the default backend (None: XLA's defaults)."""
-    return dict(CPU_OPTIONS) if jax.default_backend() == "cpu" else None
+    """The XLA options this package compiles with on the default backend (None: XLA's defaults).
+
+    An option the user sets in `XLA_FLAGS` (e.g. `--xla_backend_optimization_level=3`) is theirs: the
+    package does not override it.
+    """
+    if jax.default_backend() != "cpu":
+        return None
+    user = os.environ.get("XLA_FLAGS", "")
+    return {k: v for k, v in CPU_OPTIONS.items() if f"--{k}=" not in user} or None
 
 
 def jit(fun=None, /, **kwargs):

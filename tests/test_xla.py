@@ -18,6 +18,13 @@ def test_on_cpu_the_options_are_the_cpu_options():
     assert xla.compiler_options() is not xla.CPU_OPTIONS  # a copy: a caller cannot change the package's
 
 
+def test_an_option_set_in_xla_flags_is_left_to_the_user(monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1 --xla_backend_optimization_level=3")
+    assert xla.compiler_options() is None
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+    assert xla.compiler_options() == xla.CPU_OPTIONS
+
+
 def test_the_options_reach_the_compiler(monkeypatch):
     """A name XLA does not know fails the compile: the options are passed, not dropped."""
     monkeypatch.setattr(xla, "CPU_OPTIONS", {**xla.CPU_OPTIONS, "not_an_xla_option": 1})
