@@ -101,7 +101,7 @@ def _next_token(logits_BxV, key, cfg: SamplingConfig):
 
 
 # XLA's default options, not xla.jit's: the decode loop runs many steps per compile, and -O2 measured
-# 2-4% slower here (docs/performance.md, eighth pass).
+# 2-8% slower here (docs/performance.md, eighth pass; `python bench/compile.py`).
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "n_new"))
 def _generate(graphdef, state, tokens_BxP, mask_BxP, key, *, cfg: SamplingConfig, n_new: int):
     model: Transformer = nnx.merge(graphdef, state)

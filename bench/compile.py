@@ -79,7 +79,8 @@ def main():
     a = p.parse_args()
     ours = xla.compiler_options()
     if ours is None:
-        raise SystemExit(f"the package uses XLA's defaults on {jax.default_backend()}: nothing to compare")
+        raise SystemExit(f"the package compiles with XLA's defaults here (backend {jax.default_backend()}, or "
+                         "XLA_FLAGS sets the level): nothing to compare")
     tqr = load_pretrained(BUNDLED["tinystories-260k"])[0]
     jax.jit(lambda x: jnp.sin(x) @ x).lower(jnp.ones((8, 8))).compile()  # the process's first compile
     # Given explicitly: options passed to compile() override those a jit (xla.jit) was built with.
@@ -92,7 +93,7 @@ def main():
     for name, (lower, args, donates) in programs(tqr).items():
         compile_s = {k: [] for k in options}
         run_s = {k: [] for k in options}
-        for r in range(a.rounds):
+        for _ in range(a.rounds):
             compiled = {}
             for k, o in options.items():
                 jax.clear_caches()
