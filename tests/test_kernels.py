@@ -1,0 +1,37 @@
+"""Building the compiled kernels: the cache, and the errors when there is no working compiler."""
+import os
+import re
+import subprocess
+
+import pytest
+
+from ava_jax.kernels import build
+
+
+def test_build_is_cached_per_source_and_toolchain(tmp_path, monkeypatch):
+    monkeypatch.setenv("AVA_JAX_CACHE", str(tmp_path))
+    compiles = []
+    run = subprocess.run
+
+    def counting_run(cmd, *args, **kwargs):
+        if "-shared" in cmd:
+            compiles.append(cmd)
+        return run(cmd, *args, **kwargs)
+
+    monkeypatch.setattr(build.subprocess, "run", counting_run)
+    lib = build.load.__wrapped__("cpu_attention")
+    assert hasattr(lib, "AvaCausalAttentionForward") and hasattr(lib, "AvaCausalAttentionBackward")
+    built = os.listdir(tmp_path / "kernels")
+    assert len(compiles) == 1 and len(built) == 1 and built[0].startswith("cpu_attention-"), built
+    build.load.__wrapped__("cpu_attention")  # a second process finds the library
+    assert len(compiles) == 1 and os.listdir(tmp_path / "kernels") == built
+
+
+@pytest.mark.parametrize("cxx,message", [("no-such-compiler-ava", "no C++ compiler: 'no-such-compiler-ava' is not on PATH"),
+                                         ("false", "compiling cpu_attention.cc failed")])
+def test_build_errors_say_why(tmp_path, monkeypatch, cxx, message):
+    monkeypatch.setenv("AVA_JAX_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", cxx)
+    with pytest.raises(build.BuildError, match=re.escape(message)):
+        build.load.__wrapped__("cpu_attention")
+    assert not os.path.exists(tmp_path / "kernels") or not [f for f in os.listdir(tmp_path / "kernels") if f.endswith(".so")]
