@@ -39,7 +39,7 @@ def base_config() -> ml_collections.ConfigDict:
         path="bundled:tinystories-260k",  # HF dir, llama2.c .bin (or its dir), .gguf file, or bundled:NAME
         dtype="float32", param_dtype="float32",
         remat=ml_collections.config_dict.placeholder(bool),  # None: on for CPU, off on accelerators
-        attention="auto",  # auto | xla | blocked | cudnn (ava_jax.models.attention)
+        attention="auto",  # auto | xla | blocked | cpu_kernel | cudnn (ava_jax.models.attention)
         q_param="lm_logprobs", alpha=1.0, sigma_transform="softplus", reward_weighting="attention",
         weight_norm="mean", weight_heads="both", sigma_init=ml_collections.config_dict.placeholder(float),
     ))

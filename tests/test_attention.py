@@ -1,5 +1,6 @@
-"""The query-blocked causal attention equals a float64 NumPy reference and XLA's dot_product_attention,
-in value and in gradient (its backward is a hand-written custom VJP)."""
+"""The query-blocked causal attention, in XLA's ops and as the compiled CPU kernel, equals a float64
+NumPy reference and XLA's dot_product_attention, in value and in gradient (its backward is a
+hand-written custom VJP)."""
 import functools
 
 import jax
@@ -11,6 +12,7 @@ from flax import nnx
 from ava_jax.errors import ConfigError
 from ava_jax.models import TQR
 from ava_jax.models import attention as attn_lib
+from ava_jax.kernels import cpu_attention
 from ava_jax.models.attention import blocked_causal_attention, block_size, resolve
 
 from conftest import tiny_config
@@ -46,6 +48,11 @@ def _numpy_attention(q, k, v, valid, scale, w=None):
     return out, (dq, fold(dk), fold(dv))
 
 
+# The compiled kernel: T not a multiple of its 4-row micro-blocks or 16-key vectors, grouped heads
+# (G = 2, and G = 1), and each head dim it is built for.
+_KERNEL_CASES = [(37, 4, 2, 8), (64, 4, 4, 8), (5, 2, 1, 8), (33, 6, 2, 16), (19, 2, 2, 32)]
+
+
 @pytest.mark.parametrize("T,block", [(37, 8), (64, 32), (20, 64), (33, None)])
 def test_blocked_matches_float64_reference(T, block):
     B, N, K, H = 3, 4, 2, 8
@@ -60,6 +67,52 @@ def test_blocked_matches_float64_reference(T, block):
     out = jax.jit(blocked_causal_attention, static_argnums=(4, 5))(q, k, v, jnp.asarray(valid), H ** -0.5, block)
     ref = _numpy_attention(q, k, v, valid, H ** -0.5)
     np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-5, atol=1e-5)
+
+
+def _padded_valid(B, T):
+    valid = np.ones((B, T), bool)
+    valid[0, :min(5, T - 1)] = False  # left padding
+    valid[1, max(T - 4, 1):] = False  # right padding
+    valid[2, 3:7] = False  # a hole
+    return valid
+
+
+@pytest.mark.parametrize("T,N,K,H", _KERNEL_CASES)
+def test_cpu_kernel_matches_float64_reference(T, N, K, H):
+    """Value and q/k/v gradients of the compiled kernel against the float64 reference."""
+    B = 3
+    keys = jax.random.split(jax.random.key(3), 4)
+    q, w = (jax.random.normal(kk, (B, T, N, H)) for kk in (keys[0], keys[3]))
+    k, v = (jax.random.normal(kk, (B, T, K, H)) for kk in (keys[1], keys[2]))
+    valid = _padded_valid(B, T)
+
+    def f(q, k, v):
+        return blocked_causal_attention(q, k, v, jnp.asarray(valid), H ** -0.5, compiled=True)
+
+    out, vjp = jax.vjp(jax.jit(f), q, k, v)
+    ref, ref_grads = _numpy_attention(q, k, v, valid, H ** -0.5, w)
+    np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-5, atol=1e-5)
+    for name, g, r in zip("qkv", vjp(w), ref_grads):
+        np.testing.assert_allclose(np.asarray(g), r, rtol=1e-5, atol=1e-5, err_msg=f"d{name}")
+
+
+def test_cpu_kernel_under_vmap_and_in_bfloat16():
+    """vmap runs the custom calls per element; bf16 inputs are computed in float32 and cast back."""
+    B, T, N, K, H = 2, 21, 4, 2, 8
+    keys = jax.random.split(jax.random.key(4), 3)
+    q = jax.random.normal(keys[0], (3, B, T, N, H))
+    k, v = (jax.random.normal(kk, (3, B, T, K, H)) for kk in keys[1:])
+    valid = jnp.asarray(_padded_valid(3, T)[:B])
+    f = lambda q, k, v, c: blocked_causal_attention(q, k, v, valid, H ** -0.5, compiled=c)
+    batched = jax.jit(jax.vmap(lambda q, k, v: f(q, k, v, True)))(q, k, v)
+    for i in range(3):
+        np.testing.assert_allclose(np.asarray(batched[i]), _numpy_attention(q[i], k[i], v[i], valid, H ** -0.5),
+                                   rtol=1e-5, atol=1e-5)
+    half_in = [x[0].astype(jnp.bfloat16) for x in (q, k, v)]
+    half = jax.jit(f, static_argnums=3)(*half_in, True)
+    assert half.dtype == jnp.bfloat16
+    ref = _numpy_attention(*(np.asarray(x, np.float32) for x in half_in), valid, H ** -0.5)
+    np.testing.assert_allclose(np.asarray(half, np.float32), ref, rtol=2 ** -8, atol=2 ** -8)  # bf16's rounding
 
 
 @pytest.mark.parametrize("T,block", [(37, 8), (40, 16), (20, 64)])
@@ -104,9 +157,9 @@ def test_blocked_gradient_matches_xla():
 
 
 @pytest.mark.parametrize("arch", ["llama", pytest.param("gpt2", marks=pytest.mark.slow)])
-def test_backbone_same_with_either_kernel(arch):
+def test_backbone_same_with_every_kernel(arch):
     """The whole model (logits, reward heads and parameter gradients) does not depend on the kernel."""
-    cfgs = [tiny_config(arch, attention=a) for a in ("blocked", "xla")]
+    cfgs = [tiny_config(arch, attention=a) for a in ("xla", "blocked", "cpu_kernel")]
     tokens = jnp.asarray(np.random.default_rng(0).integers(3, 97, (2, 45)), jnp.int32)
     mask = jnp.asarray(np.arange(45)[None] >= np.array([[0], [9]]))
     outs, grads = [], []
@@ -120,19 +173,25 @@ def test_backbone_same_with_either_kernel(arch):
 
         outs.append(jax.jit(lambda p: nnx.merge(graphdef, p)(tokens, mask))(params))
         grads.append(jax.jit(jax.grad(loss))(params))
-    for name in ("logits", "reward_mean", "reward_sigma"):
-        a, b = getattr(outs[0], name), getattr(outs[1], name)
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5, err_msg=name)
-    for g_b, g_x in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
-        np.testing.assert_allclose(np.asarray(g_b), np.asarray(g_x), rtol=1e-4, atol=1e-5)
+    for i in (1, 2):
+        for name in ("logits", "reward_mean", "reward_sigma"):
+            a, b = getattr(outs[i], name), getattr(outs[0], name)
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5, err_msg=name)
+        for g_b, g_x in zip(jax.tree.leaves(grads[i]), jax.tree.leaves(grads[0])):
+            np.testing.assert_allclose(np.asarray(g_b), np.asarray(g_x), rtol=1e-4, atol=1e-5)
 
 
 def test_resolve_and_block_size():
-    cfg = tiny_config()
+    cfg = tiny_config()  # head dim 8
     assert resolve(cfg, cached=True) == "xla"  # the KV cache always takes the general path
     assert resolve(tiny_config(attention="blocked"), cached=False) == "blocked"
-    assert resolve(cfg, cached=False) == ("blocked" if jax.default_backend() == "cpu" else
+    assert resolve(cfg, cached=False) == ("cpu_kernel" if jax.default_backend() == "cpu" else
                                           "cudnn" if attn_lib.cudnn_available() else "xla")
+    wide = tiny_config(d_model=128, n_heads=2)  # head dim 64: XLA's products beat the kernel there
+    assert resolve(wide, cached=False) == ("blocked" if jax.default_backend() == "cpu" else
+                                           "cudnn" if attn_lib.cudnn_available() else "xla")
+    with pytest.raises(ConfigError, match="model.attention='cpu_kernel'.*head_dim=64"):
+        tiny_config(d_model=128, n_heads=2, attention="cpu_kernel")
     with pytest.raises(ValueError, match="attention="):
         tiny_config(attention="flash")
     assert block_size(256) == 32 and block_size(1024) == 64 and block_size(7) == 32
@@ -273,3 +332,18 @@ def test_backbone_cudnn_path_equals_xla(monkeypatch, side):
         outs.append(np.asarray(jax.jit(lambda m: m(tokens, mask).logits)(model), np.float32))
     real = np.asarray(mask)[..., None]
     np.testing.assert_array_equal(np.where(real, outs[0], 0), np.where(real, outs[1], 0))
+
+
+def test_cpu_kernel_unavailable_falls_back_or_names_the_config_key(monkeypatch, caplog):
+    """Without a compiler "auto" takes XLA's blocked kernel and says why once; "cpu_kernel" is an error."""
+    monkeypatch.setattr(cpu_attention, "unavailable_reason", lambda: "no C++ compiler: 'c++' is not on PATH")
+    attn_lib._cpu_kernel_builds.cache_clear()
+    try:
+        with caplog.at_level("WARNING", logger="ava_jax.models.attention"):
+            assert resolve(tiny_config(), cached=False) == "blocked"
+            assert resolve(tiny_config(), cached=False) == "blocked"
+        assert [r.getMessage() for r in caplog.records if "not on PATH" in r.getMessage()] and len(caplog.records) == 1
+        with pytest.raises(ConfigError, match="model.attention='cpu_kernel'.*not on PATH.*'blocked'"):
+            resolve(tiny_config(attention="cpu_kernel"), cached=False)
+    finally:
+        attn_lib._cpu_kernel_builds.cache_clear()

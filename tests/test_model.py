@@ -207,6 +207,21 @@ def test_remat_keeps_the_attention_kernels_inputs_and_output():
     assert not [line for line in recomputed if "reduce_max" in line or "btd,dnh->btnh" in line]
 
 
+def test_remat_keeps_the_compiled_kernels_inputs_and_output():
+    """The same for the compiled CPU kernel: one forward custom call per layer, none in the backward's
+    recomputation, and one backward call per layer."""
+    toks = jnp.zeros((2, 64), jnp.int32)
+    cfg = tiny_config("llama", n_layers=2, max_seq_len=64, remat=True, attention="cpu_kernel")
+    graphdef, state = nnx.split(Transformer(cfg, nnx.Rngs(0)))
+    step = jax.jit(jax.grad(lambda st: nnx.merge(graphdef, st)(toks, logits=False).hidden.sum()))
+    hlo = step.lower(state).compile().as_text()
+    calls = [line for line in hlo.splitlines() if "custom-call(" in line or "custom_call_target" in line]
+    forward = [line for line in calls if "attention_forward" in line]
+    backward = [line for line in calls if "attention_backward" in line]
+    assert len(forward) == 1 and len(backward) == 1, calls  # inside the scans' bodies: once per layer
+    assert not [line for line in forward if "rematted_computation" in line]
+
+
 def test_cache_decode_equals_full_forward(any_tiny_config):
     """Logits at each decode step equal a full forward over the same (unpadded) prefix."""
     cfg = any_tiny_config

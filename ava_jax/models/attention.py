@@ -20,6 +20,10 @@ read contiguous slabs.
 The blocked path assumes what the backbone guarantees without a KV cache: query t and key t are
 the same slot, and the mask is causal & (key is real | key is the query itself).
 
+`model.attention="cpu_kernel"` (and "auto" on CPU, where it builds and fits the head dim) runs the same
+forward and backward as a compiled kernel (`ava_jax.kernels.cpu_attention`): same layout, residuals
+and custom VJP, each pass one custom call instead of a few dozen XLA ops per query block.
+
 On a GPU, `jax.nn.dot_product_attention` runs XLA's attention (materialised [B, N, T, S] scores)
 unless it is asked for cuDNN explicitly: its default implementation is XLA, and XLA no longer
 rewrites attention into cuDNN's fused kernel by itself. `cudnn_causal_attention` asks for it. cuDNN
@@ -30,6 +34,7 @@ runs XLA's masked attention, chosen per batch on the device by `lax.cond`.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 
 import jax
@@ -38,7 +43,10 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.extend import backend as jax_backend
 
 from ava_jax.errors import ConfigError
+from ava_jax.kernels import cpu_attention
 from ava_jax.models.config import ATTENTION_IMPLS, ModelConfig
+
+log = logging.getLogger(__name__)
 
 _NEG = -1e30  # finite, so a fully masked row (never produced here) could not give NaN
 
@@ -47,6 +55,13 @@ _NEG = -1e30  # finite, so a fully masked row (never produced here) could not gi
 # recomputes neither the q/k/v projections, RoPE and layout changes nor the kernel's forward. Per
 # layer that is q and the output ([B, T, N, H] each), k and v ([B, T, K, H]) and [B, N, T].
 REMAT_SAVED = tuple(f"blocked_attention_{x}" for x in ("q", "k", "v", "out", "lse"))
+
+
+# Head dims at which "auto" takes the compiled CPU kernel: where it measured faster than the XLA
+# blocked kernel (one layer, 8 x 256, forward + backward, 2 cores, median of 30: head dim 8 10.6 ->
+# 4.9 ms, also with grouped-query heads and at 4 x 1024). At 16 and 32 it won only without grouped
+# heads, and at 64 (GPT-2 small, SmolLM2) XLA's products were 2.5x faster (docs/performance.md).
+CPU_KERNEL_AUTO_HEAD_DIMS = (8,)
 
 
 def block_size(T: int) -> int:
@@ -64,8 +79,10 @@ def cudnn_available() -> bool:
 def resolve(cfg: ModelConfig, cached: bool) -> str:
     """The implementation actually used for `cfg.attention`.
 
-    "auto" is the blocked kernel on CPU, cuDNN's fused attention on an NVIDIA GPU when the dtype and
-    head dim fit it (`ModelConfig.cudnn_fits`), XLA otherwise. With a KV cache it is always XLA.
+    "auto" is the compiled kernel on CPU ("cpu_kernel": where it builds and the head dim is in
+    `CPU_KERNEL_AUTO_HEAD_DIMS`; the XLA query-blocked kernel "blocked" otherwise), cuDNN's fused attention on an
+    NVIDIA GPU when the dtype and head dim fit it (`ModelConfig.cudnn_fits`), XLA otherwise. With a
+    KV cache it is always XLA.
     """
     impl = cfg.attention
     if impl not in ATTENTION_IMPLS:
@@ -74,12 +91,29 @@ def resolve(cfg: ModelConfig, cached: bool) -> str:
         return "xla"
     if impl == "auto":
         if jax.default_backend() == "cpu":
-            return "blocked"
+            return "cpu_kernel" if cfg.head_dim in CPU_KERNEL_AUTO_HEAD_DIMS and _cpu_kernel_builds() else "blocked"
         return "cudnn" if cfg.cudnn_fits() and cudnn_available() else "xla"
     if impl == "cudnn" and not cudnn_available():
         raise ConfigError(f"model.attention='cudnn' needs an NVIDIA GPU; this process computes on "
                           f"{jax.default_backend()}. Use model.attention='auto'.")
+    if impl == "cpu_kernel":
+        if jax.default_backend() != "cpu":
+            raise ConfigError(f"model.attention='cpu_kernel' runs on the CPU backend; this process computes on "
+                              f"{jax.default_backend()}. Use model.attention='auto'.")
+        reason = cpu_attention.unavailable_reason()
+        if reason is not None:
+            raise ConfigError(f"model.attention='cpu_kernel': the kernel is unavailable ({reason}). "
+                              f"Use model.attention='blocked' (the same attention in XLA's ops).")
     return impl
+
+
+@functools.cache
+def _cpu_kernel_builds() -> bool:
+    reason = cpu_attention.unavailable_reason()
+    if reason is not None:
+        log.warning("model.attention='auto' takes XLA's blocked attention on CPU: the compiled kernel is "
+                    "unavailable (%s)", reason)
+    return reason is None
 
 
 def attention_mask(key_valid_BxS, query_slot_T=None, key_slot_S=None):
@@ -132,7 +166,7 @@ def cudnn_causal_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, key_valid_BxT, scale
 
 
 def blocked_causal_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, key_valid_BxT, scale: float,
-                             block_q: int | None = None):
+                             block_q: int | None = None, compiled: bool = False):
     """Causal self-attention with padding, computed one block of query rows at a time.
 
     Args:
@@ -141,7 +175,9 @@ def blocked_causal_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, key_valid_BxT, sca
       key_valid_BxT: True for real tokens. A padding query still attends to itself, as in the
         backbone's full mask, so no softmax row is empty.
       scale: multiplier of q.k.
-      block_q: query rows per block (default `block_size(T)`).
+      block_q: query rows per block (default `block_size(T)`) of XLA's ops.
+      compiled: run the forward and backward as the compiled CPU kernel (`kernels.cpu_attention`,
+        which takes R = 4 rows at a time and ignores block_q) instead of XLA's ops.
 
     Returns:
       [B, T, N, H] in the dtype of q; scores, softmax and products in float32.
@@ -154,7 +190,7 @@ def blocked_causal_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, key_valid_BxT, sca
     q_BxKxGxTxH = checkpoint_name(q_BxKxGxTxH, REMAT_SAVED[0])
     k_BxKxSxH = checkpoint_name(k_BxTxKxH.astype(f32).transpose(0, 2, 1, 3), REMAT_SAVED[1])
     v_BxKxSxH = checkpoint_name(v_BxTxKxH.astype(f32).transpose(0, 2, 1, 3), REMAT_SAVED[2])
-    o_BxKxGxTxH = _attention(q_BxKxGxTxH, k_BxKxSxH, v_BxKxSxH, key_valid_BxT, block_q or block_size(T))
+    o_BxKxGxTxH = _attention(q_BxKxGxTxH, k_BxKxSxH, v_BxKxSxH, key_valid_BxT, block_q or block_size(T), compiled)
     return o_BxKxGxTxH.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H).astype(q_BxTxNxH.dtype)
 
 
@@ -184,19 +220,19 @@ def _forward(q, k, v, key_valid_BxT, bq: int):
     return jnp.concatenate(outs, axis=3), jnp.concatenate(lses, axis=3)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _attention(q, k, v, key_valid_BxT, bq: int):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _attention(q, k, v, key_valid_BxT, bq: int, compiled: bool):
     """q [B, K, G, T, H] (already scaled), k and v [B, K, S, H] -> [B, K, G, T, H]."""
-    return _forward(q, k, v, key_valid_BxT, bq)[0]
+    return _attention_fwd(q, k, v, key_valid_BxT, bq, compiled)[0]
 
 
-def _attention_fwd(q, k, v, key_valid_BxT, bq):
-    o, lse = _forward(q, k, v, key_valid_BxT, bq)
+def _attention_fwd(q, k, v, key_valid_BxT, bq, compiled):
+    o, lse = (cpu_attention.forward if compiled else functools.partial(_forward, bq=bq))(q, k, v, key_valid_BxT)
     o, lse = checkpoint_name(o, REMAT_SAVED[3]), checkpoint_name(lse, REMAT_SAVED[4])
     return o, (q, k, v, key_valid_BxT, o, lse)
 
 
-def _attention_bwd(bq, residuals, do):
+def _attention_bwd(bq, compiled, residuals, do):
     """p = exp(s - lse) recomputed per block; ds = p (dp - rowsum(do o)); dq, dk, dv from ds and p.
 
     dk and dv are accumulated transposed, as [B, K, H, S] = q^T ds and do^T p: contracted over the
@@ -204,6 +240,8 @@ def _attention_bwd(bq, residuals, do):
     (a strided copy of the block's largest arrays) where q^T only transposes a [GQ, H] slab.
     """
     q, k, v, key_valid_BxT, o, lse = residuals
+    if compiled:
+        return (*cpu_attention.backward(q, k, v, key_valid_BxT, o, lse, do), None)
     B, K, _, T, H = q.shape
     delta = jnp.sum(do * o, axis=-1, keepdims=True)
     dqs = []

@@ -10,7 +10,8 @@ import jax.numpy as jnp
 from ava_jax.errors import ConfigError
 
 ARCHS = ("gpt2", "llama")
-ATTENTION_IMPLS = ("auto", "xla", "blocked", "cudnn")
+ATTENTION_IMPLS = ("auto", "xla", "blocked", "cpu_kernel", "cudnn")
+CPU_KERNEL_HEAD_DIMS = (8, 16, 32)  # the instances of ava_jax/kernels/cpu_attention.cc
 # What cuDNN's fused attention takes: half-precision compute and a head dim that is a multiple of 8
 # up to 128 (256 on Hopper and later; 128 keeps one rule for every card).
 CUDNN_DTYPES = ("bfloat16", "float16")
@@ -68,9 +69,11 @@ class ModelConfig:
     # None (auto): on for the CPU backend, where it is the faster step as well as the smaller one
     # (docs/performance.md), off on accelerators, where the recomputation costs a third more FLOPs.
     remat: bool | None = None
-    # "auto": the query-blocked causal kernel on CPU; cuDNN's fused (flash) attention on an NVIDIA
-    # GPU where it fits (`cudnn_fits`), XLA's dot_product_attention elsewhere and with a KV cache;
-    # "xla" / "blocked" / "cudnn" force one (ava_jax.models.attention).
+    # "auto": the compiled causal kernel on CPU ("cpu_kernel", built on first use; where it cannot be
+    # built or the head dim is not 8, the same query-blocked attention in XLA's ops,
+    # "blocked"); cuDNN's fused (flash) attention on an NVIDIA GPU where it fits (`cudnn_fits`);
+    # XLA's dot_product_attention elsewhere and with a KV cache. "xla" / "blocked" / "cpu_kernel" /
+    # "cudnn" force one (ava_jax.models.attention).
     attention: str = "auto"
     init_std: float = 0.02
 
@@ -85,6 +88,9 @@ class ModelConfig:
             raise ValueError(f"model.attention={self.attention!r}; expected one of {ATTENTION_IMPLS}")
         if self.head_dim is None:
             object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
+        if self.attention == "cpu_kernel" and self.head_dim not in CPU_KERNEL_HEAD_DIMS:
+            raise ConfigError(f"model.attention='cpu_kernel' is compiled for head dims {CPU_KERNEL_HEAD_DIMS}; got "
+                              f"head_dim={self.head_dim}. Use model.attention='auto' or 'blocked'.")
         if self.attention == "cudnn" and not self.cudnn_fits():
             raise ConfigError(f"model.attention='cudnn' needs model.dtype in {CUDNN_DTYPES} and a head dim that is a "
                               f"multiple of 8 up to {CUDNN_MAX_HEAD_DIM}; got dtype={self.dtype!r}, "

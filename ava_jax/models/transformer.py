@@ -102,7 +102,7 @@ class Attention(nnx.Module):
             self.inv_freq = tuple(float(f) for f in inv_freq)
 
     def __call__(self, x_BxTxD, pos_BxT, mask, layer_cache=None, index=None):
-        """`mask` is the [B, T, S] boolean mask (XLA path) or the [B, T] key-valid mask (blocked, cuDNN)."""
+        """`mask` is the [B, T, S] boolean mask (XLA path) or the [B, T] key-valid mask (the others)."""
         cfg, dt = self.cfg, self.cfg.jnp_dtype
 
         def proj(w, b):
@@ -124,8 +124,9 @@ class Attention(nnx.Module):
             k_BxSxKxH, v_BxSxKxH = k_BxTxKxH, v_BxTxKxH
         scale = 1.0 / (cfg.head_dim ** 0.5)
         impl = attn_lib.resolve(cfg, cached=layer_cache is not None)
-        if impl == "blocked":
-            out_BxTxNxH = attn_lib.blocked_causal_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask, scale)
+        if impl in ("blocked", "cpu_kernel"):
+            out_BxTxNxH = attn_lib.blocked_causal_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask, scale,
+                                                            compiled=impl == "cpu_kernel")
         elif impl == "cudnn":
             out_BxTxNxH = attn_lib.cudnn_causal_attention(q_BxTxNxH, k_BxSxKxH.astype(dt), v_BxSxKxH.astype(dt),
                                                           mask, scale)
@@ -262,7 +263,7 @@ class Transformer(nnx.Module):
             query_slot_T = index + jnp.arange(T)
             key_slot_S = jnp.arange(cache.valid_BxS.shape[1])
             key_valid_BxS = jax.lax.dynamic_update_slice_in_dim(cache.valid_BxS, mask_BxT, index, axis=1)
-        if attn_lib.resolve(cfg, cached=cache is not None) in ("blocked", "cudnn"):
+        if attn_lib.resolve(cfg, cached=cache is not None) in ("blocked", "cpu_kernel", "cudnn"):
             mask = key_valid_BxS  # these kernels take causality and padding from the key-valid mask
         else:
             mask = attn_lib.attention_mask(key_valid_BxS, query_slot_T, key_slot_S)
