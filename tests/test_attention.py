@@ -49,8 +49,8 @@ def _numpy_attention(q, k, v, valid, scale, w=None):
 
 
 # The compiled kernel: T not a multiple of its 4-row micro-blocks or 16-key vectors, grouped heads
-# (G = 2, and G = 1), and each head dim it is built for.
-_KERNEL_CASES = [(37, 4, 2, 8), (64, 4, 4, 8), (5, 2, 1, 8), (33, 6, 2, 16), (19, 2, 2, 32)]
+# (G = 1, 2 and 3), and each head dim it is built for.
+_KERNEL_CASES = [(37, 4, 2, 8), (64, 4, 4, 8), (5, 2, 1, 8), (33, 6, 2, 16), (19, 2, 2, 32), (9, 2, 1, 64)]
 
 
 @pytest.mark.parametrize("T,block", [(37, 8), (64, 32), (20, 64), (33, None)])
@@ -190,8 +190,8 @@ def test_resolve_and_block_size():
     wide = tiny_config(d_model=128, n_heads=2)  # head dim 64: XLA's products beat the kernel there
     assert resolve(wide, cached=False) == ("blocked" if jax.default_backend() == "cpu" else
                                            "cudnn" if attn_lib.cudnn_available() else "xla")
-    with pytest.raises(ConfigError, match="model.attention='cpu_kernel'.*head_dim=64"):
-        tiny_config(d_model=128, n_heads=2, attention="cpu_kernel")
+    with pytest.raises(ConfigError, match="model.attention='cpu_kernel'.*head_dim=128"):
+        tiny_config(d_model=256, n_heads=2, attention="cpu_kernel")
     with pytest.raises(ValueError, match="attention="):
         tiny_config(attention="flash")
     assert block_size(256) == 32 and block_size(1024) == 64 and block_size(7) == 32

@@ -281,16 +281,17 @@ void BackwardAll(ffi::ThreadPool& pool, const Shape& sh, const float* Q, const f
 }
 
 // Calls F<H>(args...) for the head dims the kernel is built for (models/attention.py asks
-// `cpu_attention.supports` first, so another head dim is an error here). Larger head dims are
-// left to XLA: from 64 its products beat this kernel's row loops (docs/performance.md).
+// `cpu_attention.supports` first, so another head dim is an error here). "auto" takes only 8: at
+// 64 XLA's products beat these row loops (bench/attention_cpu.py shows it), and beyond it more so.
 #define AVA_DISPATCH_H(H_VALUE, CALL)                                                     \
   switch (H_VALUE) {                                                                      \
     case 8: CALL(8); break;                                                               \
     case 16: CALL(16); break;                                                             \
     case 32: CALL(32); break;                                                             \
+    case 64: CALL(64); break;                                                             \
     default:                                                                              \
       return ffi::Error::InvalidArgument("cpu_attention: head dim " + std::to_string(H_VALUE) + \
-                                         " is not one of 8, 16, 32");           \
+                                         " is not one of 8, 16, 32, 64");           \
   }
 
 ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,

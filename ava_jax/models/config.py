@@ -11,7 +11,7 @@ from ava_jax.errors import ConfigError
 
 ARCHS = ("gpt2", "llama")
 ATTENTION_IMPLS = ("auto", "xla", "blocked", "cpu_kernel", "cudnn")
-CPU_KERNEL_HEAD_DIMS = (8, 16, 32)  # the instances of ava_jax/kernels/cpu_attention.cc
+CPU_KERNEL_HEAD_DIMS = (8, 16, 32, 64)  # the instances of ava_jax/kernels/cpu_attention.cc
 # What cuDNN's fused attention takes: half-precision compute and a head dim that is a multiple of 8
 # up to 128 (256 on Hopper and later; 128 keeps one rule for every card).
 CUDNN_DTYPES = ("bfloat16", "float16")
