@@ -6,7 +6,7 @@ does); otherwise XLA materialises the scores. This compiles the backbone's train
 and reports what the HLO holds: cuDNN fMHA custom calls, and [.., T, T] score tensors. With the
 cuDNN path the HLO still holds score tensors: those of the masked fallback branch that batches
 with left padding or holes take. On a CPU there are neither (the blocked kernel's scores are
-per block).
+per block, the compiled kernel's, `model.attention="cpu_kernel"`, per row inside its custom call).
 
   python bench/attention_path.py --arch gpt2 --seq 1024 --dtype bfloat16
 """
