@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny model configs for each architecture, and the run's compilation cache."""
+"""Shared fixtures: tiny model configs for each architecture, the compiled CPU kernel, and the run's
+compilation cache."""
 import atexit
 import os
 import shutil
@@ -26,6 +27,17 @@ TINY_CONFIGS = {
                                                                  original_max_position_embeddings=16)),
     "qwen2": lambda: tiny_config("llama", qkv_bias=True, tie_embeddings=False),
 }
+
+
+@pytest.fixture
+def cpu_kernel():
+    """Skips a test of the compiled CPU kernel on a machine without a C++ compiler (the package then
+    runs XLA's ops instead); any other reason the kernel cannot be built is a failure."""
+    from ava_jax.kernels import cpu_attention
+    reason = cpu_attention.unavailable_reason()
+    if reason is not None and reason.startswith("no C++ compiler"):
+        pytest.skip(reason)
+    assert reason is None, reason
 
 
 @pytest.fixture(params=sorted(TINY_CONFIGS))

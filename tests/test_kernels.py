@@ -8,7 +8,7 @@ import pytest
 from ava_jax.kernels import build
 
 
-def test_build_is_cached_per_source_and_toolchain(tmp_path, monkeypatch):
+def test_build_is_cached_per_source_and_toolchain(tmp_path, monkeypatch, cpu_kernel):
     monkeypatch.setenv("AVA_JAX_CACHE", str(tmp_path))
     compiles = []
     run = subprocess.run

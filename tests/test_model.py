@@ -207,7 +207,7 @@ def test_remat_keeps_the_attention_kernels_inputs_and_output():
     assert not [line for line in recomputed if "reduce_max" in line or "btd,dnh->btnh" in line]
 
 
-def test_remat_keeps_the_compiled_kernels_inputs_and_output():
+def test_remat_keeps_the_compiled_kernels_inputs_and_output(cpu_kernel):
     """The same for the compiled CPU kernel: one forward custom call per layer, none in the backward's
     recomputation, and one backward call per layer."""
     toks = jnp.zeros((2, 64), jnp.int32)
