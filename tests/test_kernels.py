@@ -35,3 +35,14 @@ def test_build_errors_say_why(tmp_path, monkeypatch, cxx, message):
     with pytest.raises(build.BuildError, match=re.escape(message)):
         build.load.__wrapped__("cpu_attention")
     assert not os.path.exists(tmp_path / "kernels") or not [f for f in os.listdir(tmp_path / "kernels") if f.endswith(".so")]
+
+
+def test_a_compiler_that_rejects_march_native_builds_the_portable_library(tmp_path, monkeypatch, cpu_kernel):
+    wrapper = tmp_path / "cxx"
+    wrapper.write_text('#!/bin/sh\nfor a in "$@"; do [ "$a" = -march=native ] && { echo "error: no native" >&2; '
+                       'exit 1; }; done\nexec c++ "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("AVA_JAX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CXX", str(wrapper))
+    lib = build.load.__wrapped__("cpu_attention")
+    assert hasattr(lib, "AvaCausalAttentionForward")

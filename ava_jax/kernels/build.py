@@ -1,7 +1,7 @@
 """Build a kernel's C++ source into a shared library on first use, and cache it.
 
-The library is compiled for this machine (`-march=native`) with JAX's XLA FFI headers
-(`jax.ffi.include_dir()`) by `$CXX` (default `c++`), and cached as
+The library is compiled for this machine (`-march=native`, or without it where the compiler rejects
+it) with JAX's XLA FFI headers (`jax.ffi.include_dir()`) by `$CXX` (default `c++`), and cached as
 `$AVA_JAX_CACHE/kernels/<name>-<key>.so` (default `~/.cache/ava_jax`, the stories data's cache). The
 key hashes the source, the flags, the compiler's version, jaxlib's version and the CPU's model and
 flags, so a changed source, toolchain or host builds afresh, and several processes (pytest's
@@ -25,6 +25,7 @@ FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC",
          # Reductions may reassociate (vectorised sums); NaN and infinity keep their meaning.
          "-fno-math-errno", "-fno-trapping-math", "-fno-signed-zeros", "-fassociative-math",
          "-freciprocal-math")
+PORTABLE = tuple(f for f in FLAGS if f != "-march=native")  # for a compiler that rejects -march=native
 
 
 class BuildError(RuntimeError):
@@ -57,7 +58,7 @@ def _compiler() -> list[str]:
 def load(name: str) -> ctypes.CDLL:
     """The shared library of `<name>.cc` in this package, compiled if the cache does not have it.
 
-    Raises BuildError with the compiler's first error line.
+    Raises BuildError with the compiler's first error line (of the -march=native attempt).
     """
     import jax  # the headers' location
 
@@ -76,13 +77,18 @@ def load(name: str) -> ctypes.CDLL:
             src, out = os.path.join(tmp, f"{name}.cc"), os.path.join(tmp, f"{name}.so")
             with open(src, "w") as f:
                 f.write(source)
-            cmd = [*cxx, *FLAGS, "-isystem", jax.ffi.include_dir(), "-o", out, src]
-            try:
-                done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-            except (OSError, subprocess.SubprocessError) as e:
-                raise BuildError(f"compiling {name}.cc failed: {e}") from None
-            if done.returncode != 0:
-                first = next((l for l in done.stderr.splitlines() if "error" in l), done.stderr.strip()[:300])
+            first = None
+            for flags in (FLAGS, PORTABLE):
+                cmd = [*cxx, *flags, "-isystem", jax.ffi.include_dir(), "-o", out, src]
+                try:
+                    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+                except (OSError, subprocess.SubprocessError) as e:
+                    raise BuildError(f"compiling {name}.cc failed: {e}") from None
+                if done.returncode == 0:
+                    break
+                first = first or next((l for l in done.stderr.splitlines() if "error" in l),
+                                      done.stderr.strip()[:300])
+            else:
                 raise BuildError(f"compiling {name}.cc failed ({' '.join(cxx)}): {first}")
             os.replace(out, path)
     try:

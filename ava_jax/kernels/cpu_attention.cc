@@ -17,6 +17,7 @@
 #include <cmath>
 #include <condition_variable>
 #include <cstdint>
+#include <cstring>
 #include <functional>
 #include <memory>
 #include <mutex>
@@ -81,7 +82,9 @@ inline float Exp(float x) {
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.f;
   const int32_t e = (static_cast<int32_t>(k) + 127) << 23;
-  const float y = p * __builtin_bit_cast(float, e);
+  float two_k;
+  std::memcpy(&two_k, &e, sizeof two_k);  // a bit cast any C++17 compiler takes (and vectorises)
+  const float y = p * two_k;
   return x < -87.f ? 0.f : y;
 }
 
