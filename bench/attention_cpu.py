@@ -89,12 +89,12 @@ def tiny_model(reps: int) -> str:
         graphdef, params = nnx.split(tqr.backbone)
         fwd = jax.jit(lambda p, t, graphdef=graphdef: nnx.merge(graphdef, p)(t).logits)
         fns[(impl, "train")] = train
-        fns[(impl, "fwd")] = lambda fwd=fwd, params=params, tokens=tokens: jax.block_until_ready(fwd(params, tokens))
+        fns[(impl, "fwd")] = lambda fwd=fwd, p=params, t=tokens: jax.block_until_ready(fwd(p, t))
     m = {key: 1e3 * s for key, s in alternated(fns, reps).items()}
-    return (f"| TinyStories-260K 8x256: LM train step ms | {m[('blocked', 'train')]:.1f} / {m[('cpu_kernel', 'train')]:.1f} | "
-            f"{m[('blocked', 'train')] / m[('cpu_kernel', 'train')]:.2f}x | forward {m[('blocked', 'fwd')]:.1f} / "
-            f"{m[('cpu_kernel', 'fwd')]:.1f} ms | {m[('blocked', 'fwd')] / m[('cpu_kernel', 'fwd')]:.2f}x |\n"
-            f"(train step temporaries: {temps['blocked'] / 2 ** 20:.1f} / {temps['cpu_kernel'] / 2 ** 20:.1f} MiB)")
+    (tb, tk), (fb, fk) = ((m[("blocked", x)], m[("cpu_kernel", x)]) for x in ("train", "fwd"))
+    return (f"| TinyStories-260K 8x256: LM train step ms | {tb:.1f} / {tk:.1f} | {tb / tk:.2f}x | "
+            f"forward {fb:.1f} / {fk:.1f} ms | {fb / fk:.2f}x |\n(train step temporaries: "
+            f"{temps['blocked'] / 2 ** 20:.1f} / {temps['cpu_kernel'] / 2 ** 20:.1f} MiB)")
 
 
 def main():

@@ -1,10 +1,11 @@
 """Causal self-attention with key padding as a compiled CPU kernel (`cpu_attention.cc`).
 
-`models.attention` uses it for `model.attention="cpu_kernel"`, and for "auto" on CPU where it builds
-and the head dim is one it is compiled for: the same heads-major layout, the same residuals and the
-same custom VJP as the XLA query-blocked kernel there, with the forward and the flash backward each
-one custom call instead of a few dozen XLA ops per query block. TinyStories-260K train step on 2
-cores: 113.5 -> 71.6 ms, forward 29.9 -> 16.8 ms (docs/performance.md, ninth pass).
+`models.attention` uses it for `model.attention="cpu_kernel"` (head dims 8, 16, 32, 64), and for
+"auto" on CPU at head dim 8, where it builds: the same heads-major layout, the same residuals and
+the same custom VJP as the XLA query-blocked kernel there, with the forward and the flash backward
+each one custom call instead of a few dozen XLA ops per query block. TinyStories-260K LM train step
+on 2 cores: 114.4 -> 70.9 ms, forward 30.0 -> 19.8 ms (`python bench/attention_cpu.py`;
+docs/performance.md, ninth pass).
 
 Under a mesh the calls run per shard (`jax.shard_map`): the batch split as the mesh's data axes
 split it and the key/value heads as its tensor axis does, where they divide; XLA would otherwise

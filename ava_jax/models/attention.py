@@ -20,7 +20,7 @@ read contiguous slabs.
 The blocked path assumes what the backbone guarantees without a KV cache: query t and key t are
 the same slot, and the mask is causal & (key is real | key is the query itself).
 
-`model.attention="cpu_kernel"` (and "auto" on CPU, where it builds and fits the head dim) runs the same
+`model.attention="cpu_kernel"` (and "auto" on CPU at head dim 8, where it builds) runs the same
 forward and backward as a compiled kernel (`ava_jax.kernels.cpu_attention`): same layout, residuals
 and custom VJP, each pass one custom call instead of a few dozen XLA ops per query block.
 
@@ -58,9 +58,10 @@ REMAT_SAVED = tuple(f"blocked_attention_{x}" for x in ("q", "k", "v", "out", "ls
 
 
 # Head dims at which "auto" takes the compiled CPU kernel: where it measured faster than the XLA
-# blocked kernel (one layer, 8 x 256, forward + backward, 2 cores, median of 30: head dim 8 10.6 ->
-# 4.9 ms, also with grouped-query heads and at 4 x 1024). At 16 and 32 it won only without grouped
-# heads, and at 64 (GPT-2 small, SmolLM2) XLA's products were 2.5x faster (docs/performance.md).
+# blocked kernel (`python bench/attention_cpu.py`: one layer, 8 x 256, forward + backward, 2 cores:
+# head dim 8 11.7 -> 4.1 ms, and faster with grouped-query heads and at 4 x 1024 too). At 16 and 32
+# it did not win everywhere (grouped heads at 16, the forward at 32), and at 64 (GPT-2 small,
+# SmolLM2) XLA's products were 1.2-2x faster (docs/performance.md, ninth pass).
 CPU_KERNEL_AUTO_HEAD_DIMS = (8,)
 
 
@@ -80,9 +81,9 @@ def resolve(cfg: ModelConfig, cached: bool) -> str:
     """The implementation actually used for `cfg.attention`.
 
     "auto" is the compiled kernel on CPU ("cpu_kernel": where it builds and the head dim is in
-    `CPU_KERNEL_AUTO_HEAD_DIMS`; the XLA query-blocked kernel "blocked" otherwise), cuDNN's fused attention on an
-    NVIDIA GPU when the dtype and head dim fit it (`ModelConfig.cudnn_fits`), XLA otherwise. With a
-    KV cache it is always XLA.
+    `CPU_KERNEL_AUTO_HEAD_DIMS`; the XLA query-blocked kernel "blocked" otherwise), cuDNN's fused
+    attention on an NVIDIA GPU when the dtype and head dim fit it (`ModelConfig.cudnn_fits`), XLA
+    otherwise. With a KV cache it is always XLA.
     """
     impl = cfg.attention
     if impl not in ATTENTION_IMPLS:
@@ -91,7 +92,8 @@ def resolve(cfg: ModelConfig, cached: bool) -> str:
         return "xla"
     if impl == "auto":
         if jax.default_backend() == "cpu":
-            return "cpu_kernel" if cfg.head_dim in CPU_KERNEL_AUTO_HEAD_DIMS and _cpu_kernel_builds() else "blocked"
+            kernel = cfg.head_dim in CPU_KERNEL_AUTO_HEAD_DIMS and _cpu_kernel_builds()
+            return "cpu_kernel" if kernel else "blocked"
         return "cudnn" if cfg.cudnn_fits() and cudnn_available() else "xla"
     if impl == "cudnn" and not cudnn_available():
         raise ConfigError(f"model.attention='cudnn' needs an NVIDIA GPU; this process computes on "
