@@ -33,6 +33,7 @@ import tempfile
 import numpy as np
 
 from ava_jax.data import splits
+from ava_jax.paths import cache_root as default_cache_dir
 from ava_jax.data.gold import (LEXICON_PATH, NEGATIONS_PATH, WORD, gold_token_rewards, load_lexicon, scored_words,
                                token_pieces_cached)
 from ava_jax.data.synthetic import BTPairs, bradley_terry_label, pairwise_accuracy
@@ -321,10 +322,6 @@ def cache_key(cfg: StoriesConfig, kind: str) -> str:
                 backend=jax.default_backend(), files=[_file_sha256(f) for f in files],
                 prompts=[NAMES, ANIMALS, PLACES, ADJECTIVES, OBJECTS, TEMPLATES, PROMPT_BUCKET, SPLIT_SALT])
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
-
-
-def default_cache_dir() -> str:
-    return os.environ.get("AVA_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "ava_jax")
 
 
 def _load_or_make(cls, make, kind: str, cfg: StoriesConfig, cache_dir: str | None):

@@ -2,7 +2,7 @@
 
 The library is compiled for this machine (`-march=native`, or without it where the compiler rejects
 it) with JAX's XLA FFI headers (`jax.ffi.include_dir()`) by `$CXX` (default `c++`), and cached as
-`$AVA_JAX_CACHE/kernels/<name>-<key>.so` (default `~/.cache/ava_jax`, the stories data's cache). The
+`$AVA_JAX_CACHE/kernels/<name>-<key>.so` (`paths.cache_root()`, default `~/.cache/ava_jax`). The
 key hashes the source, the flags, the compiler's version, jaxlib's version and the CPU's model and
 flags, so a changed source, toolchain or host builds afresh, and several processes (pytest's
 workers) can build at once: each writes a temporary file and renames it into place.
@@ -21,6 +21,8 @@ from importlib import resources
 
 import jaxlib
 
+from ava_jax import paths
+
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC",
          # Reductions may reassociate (vectorised sums); NaN and infinity keep their meaning.
          "-fno-math-errno", "-fno-trapping-math", "-fno-signed-zeros", "-fassociative-math",
@@ -33,8 +35,7 @@ class BuildError(RuntimeError):
 
 
 def cache_dir() -> str:
-    base = os.environ.get("AVA_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "ava_jax")
-    return os.path.join(base, "kernels")
+    return os.path.join(paths.cache_root(), "kernels")
 
 
 def _cpu_identity() -> str:
