@@ -5,7 +5,10 @@ import subprocess
 
 import pytest
 
-from ava_jax.kernels import build
+from jax.sharding import AbstractMesh, PartitionSpec as P
+
+from ava_jax import sharding as shd
+from ava_jax.kernels import build, cpu_attention
 
 
 def test_build_is_cached_per_source_and_toolchain(tmp_path, monkeypatch, cpu_kernel):
@@ -49,3 +52,14 @@ def test_a_compiler_that_rejects_march_native_builds_the_portable_library(tmp_pa
     monkeypatch.setenv("CXX", str(wrapper))
     lib = build.load.__wrapped__("cpu_attention")
     assert hasattr(lib, "AvaCausalAttentionForward")
+
+
+@pytest.mark.parametrize("B,K,expect", [
+    (8, 4, (P(("data", "fsdp"), "tensor"), P(("data", "fsdp")))),
+    (8, 3, (P(("data", "fsdp")), P(("data", "fsdp")))),  # heads do not divide: replicated over tensor
+    (6, 4, (P(None, "tensor"), P())),  # the batch does not divide the data axes
+    (6, 3, (P(), P())),  # neither: the whole call on every device
+])
+def test_per_shard_specs_split_what_divides(B, K, expect):
+    mesh = AbstractMesh((2, 2, 2), shd.AXES)
+    assert cpu_attention.shard_specs((B, K, 2, 16, 8), mesh) == expect

@@ -22,7 +22,6 @@ from jax.sharding import PartitionSpec as P
 
 from ava_jax import sharding as shd
 from ava_jax.kernels import build
-from ava_jax.models.config import CPU_KERNEL_HEAD_DIMS
 
 _FORWARD = "ava_jax_causal_attention_forward"
 _BACKWARD = "ava_jax_causal_attention_backward"
@@ -40,26 +39,27 @@ def unavailable_reason() -> str | None:
     return None
 
 
-def supports(head_dim: int) -> bool:
-    return head_dim in CPU_KERNEL_HEAD_DIMS
-
-
 def _require():
     reason = unavailable_reason()
     if reason is not None:
         raise build.BuildError(reason)
 
 
+def shard_specs(q_shape, mesh) -> tuple[P, P]:
+    """(spec of every [B, K, ...] operand, spec of key_valid [B, T]) on `mesh`: the batch over the data
+    axes and the key/value heads over the tensor axis, each where it divides (else replicated)."""
+    batch = tuple(a for a in shd.BATCH if a in mesh.axis_names) or None
+    heads = "tensor" if "tensor" in mesh.axis_names else None
+    return shd.fit_spec(P(batch, heads), q_shape[:2], mesh), shd.fit_spec(P(batch), q_shape[:1], mesh)
+
+
 def _per_shard(fn, args, n_out: int):
-    """fn(*args) on each shard of the context mesh (batch and key/value heads split where they divide)."""
+    """fn(*args) on each shard of the context mesh (`shard_specs`)."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
         return fn(*args)
-    batch = tuple(a for a in shd.BATCH if a in mesh.axis_names) or None
-    heads = "tensor" if "tensor" in mesh.axis_names else None
-    q = args[0]
-    spec = shd.fit_spec(P(batch, heads), q.shape[:2], mesh)  # one spec for every [B, K, ...] operand
-    in_specs = tuple(P(spec[0]) if a.ndim == 2 else spec for a in args)  # key_valid is [B, T]
+    spec, valid_spec = shard_specs(args[0].shape, mesh)
+    in_specs = tuple(valid_spec if a.ndim == 2 else spec for a in args)
     return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=(spec,) * n_out,
                          check_vma=False)(*args)
 
