@@ -10,10 +10,12 @@ Compare only on an idle machine: PyTorch's threads suffer more from contention t
 
   python bench/dpo_step.py                               # TinyStories-260K shape, 8 pairs x 256
   python bench/dpo_step.py --models tiny,smollm2-shape --reps 3
+  python bench/dpo_step.py --reps 10 --rounds 5          # JAX and PyTorch in turn, ratios per round
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 
 import jax
 import numpy as np
@@ -25,7 +27,8 @@ from ava_jax import sharding as shd
 from ava_jax.losses import DpoConfig
 from ava_jax.models import HeadConfig, ModelConfig, TQR
 from ava_jax.train.step import freeze, init_train_state, make_train_step
-from model import in_fresh_process, timed  # bench/model.py: PyTorch in its own process; median after a warm-up
+# bench/model.py: PyTorch in its own process, a median after a warm-up, 'median (min-max)' of rounds
+from model import in_fresh_process, spread, timed
 
 SHAPES = {
     "tiny": dict(d_model=64, d_ff=172, n_layers=5, n_heads=8, n_kv_heads=4, vocab_size=512),
@@ -44,10 +47,11 @@ def pair_batch(B, T, V, seed=0):
 
 
 def jax_steps(shape, batch, reps):
-    """{"dpo online", "dpo cached", "ava_p"}: median step seconds."""
+    """Compiles the three steps once; returns `measure()`, which times them again:
+    {"dpo online", "dpo cached", "ava_p"}: median step seconds."""
     cfg = ModelConfig(arch="llama", max_seq_len=1024, tie_embeddings=True, **SHAPES[shape])
     mesh = shd.make_mesh()
-    out = {}
+    runs = {}
     with jax.set_mesh(mesh):
         for name in ("dpo online", "dpo cached", "ava_p"):
             heads = HeadConfig(weight_heads="reward")
@@ -69,12 +73,17 @@ def jax_steps(shape, batch, reps):
             step = make_train_step(graphdef, objective.loss_fn(lcfg), opt, mesh, state, b, **kwargs)
             box = [state]
 
-            def run():
+            def run(step=step, box=box, b=b):
                 box[0], m = step(box[0], b, jax.random.key(0))
                 jax.block_until_ready(m)
 
-            out[name] = timed(run, reps)
-    return out
+            run()  # compile here, not in the first round's timing
+            runs[name] = run
+
+    def measure():
+        with jax.set_mesh(mesh):
+            return {name: timed(run, reps) for name, run in runs.items()}
+    return measure
 
 
 def torch_steps(shape, pairs, seq, reps):
@@ -121,29 +130,42 @@ def main():
     p.add_argument("--pairs", type=int, default=8)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="measure JAX and PyTorch (a fresh process) in turn this many times; ratios per round")
     p.add_argument("--no-torch", action="store_true")
     args = p.parse_args()
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; {args.pairs} pairs x {args.seq} tokens "
-          f"(tok/s counts chosen + rejected), median of {args.reps} steps after one warm-up")
+          f"(tok/s counts chosen + rejected), median of {args.reps} steps after one warm-up"
+          + (f"; ratios: median (range) of {args.rounds} rounds, JAX and PyTorch in turn" if args.rounds > 1 else ""))
     print("| model | DPO online tok/s: ours / torch | ratio | DPO cached tok/s: ours / torch | ratio "
           "| AVA-p direct / DPO cached (time) |")
     print("|---|---|---|---|---|---|")
     for shape in args.models.split(","):
         batch = pair_batch(args.pairs, args.seq, SHAPES[shape]["vocab_size"])
         reps = args.reps if shape == "tiny" else max(2, args.reps // 2)
-        ours = jax_steps(shape, batch, reps)
-        theirs = {} if args.no_torch else in_fresh_process("dpo_step", "torch_steps", shape=shape, pairs=args.pairs,
-                                                               seq=args.seq, reps=reps)
+        measure = jax_steps(shape, batch, reps)
+        ours, theirs = [], []
+        for _ in range(args.rounds):  # JAX, then PyTorch in a fresh process, in turn: drift hits both
+            ours.append(measure())
+            if not args.no_torch:
+                theirs.append(in_fresh_process("dpo_step", "torch_steps", shape=shape, pairs=args.pairs,
+                                               seq=args.seq, reps=reps))
         tok = 2 * args.pairs * args.seq
+        med = lambda rs, k: statistics.median(r[k] for r in rs)
 
         def cell(k):
             if not theirs:
-                return f"{tok / ours[k]:.0f} / -", "-"
-            return f"{tok / ours[k]:.0f} / {tok / theirs[k]:.0f}", f"{theirs[k] / ours[k]:.2f}x"
+                return f"{tok / med(ours, k):.0f} / -", "-"
+            return (f"{tok / med(ours, k):.0f} / {tok / med(theirs, k):.0f}",
+                    spread([t[k] / o[k] for o, t in zip(ours, theirs)]))
         on, on_r = cell("dpo online")
         ca, ca_r = cell("dpo cached")
-        print(f"| {shape} | {on} | {on_r} | {ca} | {ca_r} | {ours['ava_p'] / ours['dpo cached']:.2f}x |", flush=True)
-
+        ava = spread([o["ava_p"] / o["dpo cached"] for o in ours])
+        print(f"| {shape} | {on} | {on_r} | {ca} | {ca_r} | {ava} |", flush=True)
+        if len(theirs) > 1:
+            print(f"{shape} per round, online / cached vs torch: " + ", ".join(
+                f"{t['dpo online'] / o['dpo online']:.2f}/{t['dpo cached'] / o['dpo cached']:.2f}"
+                for o, t in zip(ours, theirs)))
 
 if __name__ == "__main__":
     main()

