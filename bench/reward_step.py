@@ -5,6 +5,8 @@ AVA-p at most 1.2x BT. AVA reads Q in vocabulary chunks (`TQR.q_summary`); one c
 with full [B, T, V] Q rows instead, and the last gives each step's compiled temporary memory.
 BT and PT never use the LM head (XLA drops it), so on a large vocabulary AVA-p carries the LM head's
 forward and backward on top of BT's step: for GPT-2 small that is 39M of 124M parameters.
+The six steps are compiled first and then taken in turn, one call each per round, so the host's
+drift (a quarter between processes here) reaches all of them alike.
 
   python bench/reward_step.py                         # TinyStories-260K and a GPT-2-small-shaped model
   python bench/reward_step.py --models tiny --pairs 16 --seq 256
@@ -55,8 +57,8 @@ def pair_batch(B, T, V, seed=0):
     return {"chosen": side(), "rejected": side()}
 
 
-def step_time(name, objective, weighting, batch, reps, dtype, chunks=True, attention="auto"):
-    """(median step seconds, compiled temporary MiB) of one objective's train step."""
+def build_step(name, objective, weighting, batch, dtype, chunks=True, attention="auto"):
+    """(run, compiled temporary MiB): `run()` takes one train step of the objective and waits for it."""
     model = make_model(name, HeadConfig(reward_weighting=weighting), dtype, attention)
     mesh = shd.make_mesh()
     opt = optax.adamw(1e-5)
@@ -66,20 +68,27 @@ def step_time(name, objective, weighting, batch, reps, dtype, chunks=True, atten
         loss_fn = objectives.get(objective).loss_fn(**options)
         step = make_train_step(g, loss_fn, opt, mesh, state, batch)
         mem = step.lower(state, batch, jax.random.key(0)).compile().memory_analysis()
-        temp_mib = getattr(mem, "temp_size_in_bytes", 0) / 2 ** 20 if mem is not None else float("nan")
-        box = [state]
+    temp_mib = getattr(mem, "temp_size_in_bytes", 0) / 2 ** 20 if mem is not None else float("nan")
+    box = [state]
 
-        def run():
+    def run():
+        with jax.set_mesh(mesh):
             box[0], m = step(box[0], batch, jax.random.key(0))
-            jax.block_until_ready(m)
+        jax.block_until_ready(m)
 
-        run()
-        ts = []
-        for _ in range(reps):
+    run()  # the first call compiles
+    return run, temp_mib
+
+
+def alternated(runs: dict, reps: int) -> dict:
+    """key -> median seconds of runs[key](), the steps taken in turn, so the host's drift reaches all."""
+    times = {k: [] for k in runs}
+    for _ in range(reps):
+        for k, run in runs.items():
             t = time.perf_counter()
             run()
-            ts.append(time.perf_counter() - t)
-    return statistics.median(ts), temp_mib
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main():
@@ -87,12 +96,12 @@ def main():
     p.add_argument("--models", default="tiny,gpt2-small")
     p.add_argument("--pairs", type=int, default=8)
     p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--reps", type=int, default=10)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--attention", choices=ATTENTION_IMPLS, default="auto", help="ModelConfig.attention")
     args = p.parse_args()
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; {args.pairs} pairs x {args.seq} tokens, "
-          f"median of {args.reps} steps after one warm-up; attention {args.attention}")
+          f"median of {args.reps} steps, the six steps taken in turn; attention {args.attention}")
     print("| model | BT step s | PT step s | AVA-p step s | AVA-d step s | AVA-p / BT | AVA-p (rwt off) / BT "
           "| AVA-p full Q rows / BT | temp MiB: BT / AVA-p / AVA-p full rows |")
     print("|---" * 9 + "|")
@@ -100,11 +109,11 @@ def main():
         V = 512 if name == "tiny" else 50257  # gpt2-small, wide-vocab
         batch = pair_batch(args.pairs, args.seq, V)
         reps = args.reps if name == "tiny" else max(2, args.reps // 2)
-        runs = {(o, w, c): step_time(name, o, w, batch, reps, args.dtype, chunks=c, attention=args.attention)
-                for o, w, c in (("bt", "none", True), ("pt", "attention", True), ("ava_p", "attention", True),
-                                ("ava_p", "none", True), ("ava_d", "attention", True), ("ava_p", "attention", False))}
-        t = {k: v[0] for k, v in runs.items()}
-        mem = {k: v[1] for k, v in runs.items()}
+        built = {(o, w, c): build_step(name, o, w, batch, args.dtype, chunks=c, attention=args.attention)
+                 for o, w, c in (("bt", "none", True), ("pt", "attention", True), ("ava_p", "attention", True),
+                                 ("ava_p", "none", True), ("ava_d", "attention", True), ("ava_p", "attention", False))}
+        t = alternated({k: v[0] for k, v in built.items()}, reps)
+        mem = {k: v[1] for k, v in built.items()}
         bt = t[("bt", "none", True)]
         ava = ("ava_p", "attention", True)
         full = ("ava_p", "attention", False)
