@@ -1,6 +1,7 @@
 """The generic train step: exact gradient accumulation, skipped non-finite steps, bad batches, the
 compiled memory analysis logged before step 1."""
 import logging
+import re
 
 import jax
 import jax.numpy as jnp
@@ -78,6 +79,58 @@ def test_train_step_decreases_loss_and_skips_nonfinite():
     assert float(metrics["skipped"][0]) == 1.0 and int(after.bad_steps) == 1 and int(after.step) == 6
     for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after.params)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_good_step_is_the_optax_update_and_a_bad_one_leaves_the_donated_state_bit_identical():
+    """The step's conditional update equals optax's update on the same gradients; a non-finite step
+    with the state donated (the default) returns the old parameters and optimizer moments exactly."""
+    mesh = shd.make_mesh()
+    batch = _batch()
+    opt = optax.adamw(3e-3)
+    graphdef, state = init_train_state(TQR(tiny_config("llama"), rngs=nnx.Rngs(2)), opt, mesh)
+    for _ in range(2):  # past the first step, so the moments are not zero
+        state, _ = make_train_step(graphdef, lm_loss_fn, opt, mesh, state, batch)(state, batch, jax.random.key(0))
+    host = lambda tree: jax.tree.map(np.asarray, tree)
+    params0, opt0 = host(state.params), host(state.opt_state)
+    key = jax.random.key(3)
+    grads, _ = jax.jit(lambda p: grads_and_metrics(lm_loss_fn, graphdef, p, batch,
+                                                   jax.random.fold_in(key, state.step), 1))(state.params)
+    updates, want_opt = opt.update(grads, state.opt_state, state.params)
+    want = host((optax.apply_updates(state.params, updates), want_opt))
+    good, metrics = make_train_step(graphdef, lm_loss_fn, opt, mesh, state, batch)(state, batch, key)
+    assert float(metrics["skipped"][0]) == 0.0
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(host((good.params, good.opt_state)))):
+        np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-7)
+    params1, opt1 = host(good.params), host(good.opt_state)
+
+    def nan_loss(model, batch, rng, frozen):
+        loss, metrics = lm_loss_fn(model, batch, rng, frozen)
+        s, c = metrics["loss"]
+        return loss * jnp.nan, {"loss": (s * jnp.nan, c)}
+
+    bad, metrics = make_train_step(graphdef, nan_loss, opt, mesh, good, batch)(good, batch, key)
+    assert float(metrics["skipped"][0]) == 1.0 and int(bad.bad_steps) == 1
+    for a, b in zip(jax.tree.leaves((params1, opt1)), jax.tree.leaves(host((bad.params, bad.opt_state)))):
+        np.testing.assert_array_equal(a, b)
+    moved = {jax.tree_util.keystr(k): not np.array_equal(a, b) for (k, a), b in
+             zip(jax.tree_util.tree_flatten_with_path(params0)[0], jax.tree.leaves(params1))}
+    assert all(v for k, v in moved.items() if "backbone" in k), moved  # the good step moved the LM's weights
+
+
+def test_the_step_copies_none_of_the_donated_state():
+    """The update runs in place: the compiled step holds no copy of a parameter or optimizer moment
+    (a select between the updated and the old state made XLA copy every moment, twice the parameters'
+    size in temporaries)."""
+    mesh = shd.make_mesh()
+    batch = _batch()
+    opt = optax.adamw(3e-3)
+    graphdef, state = init_train_state(TQR(tiny_config("llama"), rngs=nnx.Rngs(2)), opt, mesh)
+    hlo = make_train_step(graphdef, lm_loss_fn, opt, mesh, state, batch).lower(
+        state, batch, jax.random.key(0)).compile().as_text()
+    names = re.findall(r"%(state_(?:params|opt_state)[\w.]*) = \S+ parameter\(", hlo)
+    assert len(names) >= 2 * len(jax.tree.leaves(state.params)), names[:5]  # the state's leaves, by name
+    copied = [n for n in names if re.search(rf"copy\(%{re.escape(n)}\)", hlo)]
+    assert not copied, copied[:5]
 
 
 def test_frozen_models_are_arguments_not_constants_and_stay_unchanged():

@@ -238,14 +238,17 @@ def make_train_step(graphdef, loss_fn, optimizer: optax.GradientTransformation, 
         grads, metrics = grads_and_metrics(loss_fn, graphdef, state.params, batch, rng, options.accum_steps,
                                            frozen.merge(frozen_params, fixed), fixed)
         ok = jnp.isfinite(metrics["loss"][0]) & _tree_all_finite(grads)
-        # Zero non-finite gradients before the update so no NaN reaches the optimizer, then keep the
-        # old state wholesale when the step was bad.
-        safe_grads = jax.tree.map(lambda g: jnp.where(ok, g, 0.0), grads)
-        updates, new_opt = optimizer.update(safe_grads, state.opt_state, state.params)
-        new_params = optax.apply_updates(state.params, updates)
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
-        new_state = TrainState(step=state.step + 1, params=keep(new_params, state.params),
-                               opt_state=keep(new_opt, state.opt_state),
+        # A bad step keeps the old state wholesale. A conditional, not a select between the updated and
+        # the old state: a select needs the old optimizer moments after the new ones are written, so
+        # XLA copied every moment of the donated state each step (a temporary twice the size of the
+        # parameters); under `cond` the update runs in place and a bad step's gradients never reach it.
+        def update(params, opt_state):
+            updates, new_opt = optimizer.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), new_opt
+
+        new_params, new_opt = jax.lax.cond(ok, update, lambda params, opt_state: (params, opt_state),
+                                           state.params, state.opt_state)
+        new_state = TrainState(step=state.step + 1, params=new_params, opt_state=new_opt,
                                bad_steps=jnp.where(ok, 0, state.bad_steps + 1))
         metrics = dict(metrics)
         metrics["skipped"] = (1.0 - ok.astype(jnp.float32), jnp.float32(1.0))
