@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -33,19 +31,6 @@ IMPLS = ("blocked", "cpu_kernel")
 # BxT:N/K:H (query heads / key-value heads : head dim): TinyStories-260K, the same with grouped heads,
 # head dims 16 and 32, GPT-2 small, SmolLM2-135M, and TinyStories at 4 x 1024.
 SHAPES = "8x256:8/8:8,8x256:8/2:8,8x256:8/8:16,8x256:8/8:32,8x256:12/12:64,8x256:9/3:64,4x1024:8/8:8"
-
-
-def alternated(fns: dict, reps: int) -> dict:
-    """name -> median seconds of fn(), the functions called in turn after one warm-up call each."""
-    for f in fns.values():
-        f()
-    times = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, f in fns.items():
-            t = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def layer(spec: str, reps: int) -> str:
@@ -65,7 +50,7 @@ def layer(spec: str, reps: int) -> str:
         grad = jax.jit(jax.grad(lambda q, k, v, f=f: jnp.sum(f(q, k, v) ** 2), argnums=(0, 1, 2)))
         fns[(impl, "fwd")] = lambda fwd=fwd: jax.block_until_ready(fwd(q, k, v))
         fns[(impl, "grad")] = lambda grad=grad: jax.block_until_ready(grad(q, k, v))
-    m = {key: 1e3 * s for key, s in alternated(fns, reps).items()}
+    m = {key: 1e3 * s for key, s in bench_model.alternated(fns, reps).items()}
     return (f"| {B}x{T}, {N}/{K} heads of {H} | {m[('blocked', 'fwd')]:.2f} / {m[('cpu_kernel', 'fwd')]:.2f} | "
             f"{m[('blocked', 'fwd')] / m[('cpu_kernel', 'fwd')]:.2f}x | {m[('blocked', 'grad')]:.2f} / "
             f"{m[('cpu_kernel', 'grad')]:.2f} | {m[('blocked', 'grad')] / m[('cpu_kernel', 'grad')]:.2f}x |")
@@ -90,7 +75,7 @@ def tiny_model(reps: int) -> str:
         fwd = jax.jit(lambda p, t, graphdef=graphdef: nnx.merge(graphdef, p)(t).logits)
         fns[(impl, "train")] = train
         fns[(impl, "fwd")] = lambda fwd=fwd, p=params, t=tokens: jax.block_until_ready(fwd(p, t))
-    m = {key: 1e3 * s for key, s in alternated(fns, reps).items()}
+    m = {key: 1e3 * s for key, s in bench_model.alternated(fns, reps).items()}
     (tb, tk), (fb, fk) = ((m[("blocked", x)], m[("cpu_kernel", x)]) for x in ("train", "fwd"))
     return (f"| TinyStories-260K 8x256: LM train step ms | {tb:.1f} / {tk:.1f} | {tb / tk:.2f}x | "
             f"forward {fb:.1f} / {fk:.1f} ms | {fb / fk:.2f}x |\n(train step temporaries: "

@@ -71,6 +71,20 @@ def timed(fn, reps):
     return statistics.median(ts)
 
 
+def alternated(fns: dict, reps: int) -> dict:
+    """key -> median seconds of fns[key](), the functions called in turn (after one warm-up call each),
+    so the host's drift reaches all of them alike."""
+    for f in fns.values():
+        f()
+    times = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, f in fns.items():
+            t = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def matmul_peak(dtype):
     # 2048^3 saturates a CPU; an accelerator needs a bigger product to leave launch overhead behind.
     n = 2048 if jax.default_backend() == "cpu" else 8192

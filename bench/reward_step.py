@@ -15,8 +15,6 @@ drift (a quarter between processes here) reaches all of them alike.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import jax
 import numpy as np
@@ -30,6 +28,7 @@ from ava_jax.config import BUNDLED
 from ava_jax.models import HeadConfig, ModelConfig, TQR
 from ava_jax.models.config import ATTENTION_IMPLS
 from ava_jax.train.step import init_train_state, make_train_step
+from model import alternated  # bench/model.py: the functions timed in turn
 
 
 def make_model(name, heads, dtype, attention="auto"):
@@ -76,19 +75,7 @@ def build_step(name, objective, weighting, batch, dtype, chunks=True, attention=
             box[0], m = step(box[0], batch, jax.random.key(0))
         jax.block_until_ready(m)
 
-    run()  # the first call compiles
-    return run, temp_mib
-
-
-def alternated(runs: dict, reps: int) -> dict:
-    """key -> median seconds of runs[key](), the steps taken in turn, so the host's drift reaches all."""
-    times = {k: [] for k in runs}
-    for _ in range(reps):
-        for k, run in runs.items():
-            t = time.perf_counter()
-            run()
-            times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return run, temp_mib  # `alternated` calls each once before timing: that call compiles
 
 
 def main():
