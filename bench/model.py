@@ -297,5 +297,6 @@ def spread(xs) -> str:
         return f"{xs[0]:.2f}x"
     return f"{statistics.median(xs):.2f}x ({min(xs):.2f}-{max(xs):.2f})"
 
+
 if __name__ == "__main__":
     main()
