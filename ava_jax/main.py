@@ -1,7 +1,8 @@
 """Entry point: `python -m ava_jax.main --config=configs/<x>.py[:variant] --config.key=value`.
 
 Parses flags (the config is locked, so a misspelt key is an error), initialises `jax.distributed`
-on multi-host runs, logs the devices and dispatches on `config.pipeline`.
+on multi-host runs, logs the devices and dispatches on `config.pipeline`. It first raises glibc's
+mmap threshold to 64 MiB (`ava_jax.malloc`), which a user's own GLIBC_TUNABLES overrides.
 
 The console shows ava_jax's own INFO lines (what the run does), every library's warnings and the
 progress bar; the libraries' INFO chatter (Orbax, absl, jax, grain, TFDS) only with `--verbose`
@@ -22,7 +23,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from ava_jax import errors, pipelines
+from ava_jax import errors, malloc, pipelines
 from ava_jax.train.preemption import Preempted
 
 log = logging.getLogger("ava_jax.main")  # not __name__, which is "__main__" under `python -m`
@@ -146,6 +147,7 @@ def _initialize_distributed() -> None:
 def main(argv):
     del argv
     _configure_logging()
+    malloc.keep_temporaries_on_heap()  # XLA's CPU temporaries up to 64 MiB reused, not faulted in each step
     if _MULTIHOST.value:
         _initialize_distributed()
     elif any(f.value is not None for f in (_COORDINATOR, _NUM_PROCESSES, _PROCESS_ID)):

@@ -16,7 +16,7 @@ import sys
 
 import numpy as np
 
-from ava_jax import errors
+from ava_jax import errors, malloc
 from ava_jax.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -251,6 +251,7 @@ def cli(argv, *, doc: str, launcher: str, default_out: str, run_fn, write_fn, re
         p.add_argument("--data-path", default="", help=f"the {PAPER!r} dataset: an HH-RLHF JSONL (default: "
                        "the bundled harmless-base test file)")
     args = p.parse_args(argv)
+    malloc.keep_temporaries_on_heap()
     CACHE["dir"] = args.cache or None
     logging.basicConfig(level=logging.INFO)
     for name in ("absl", "jax", "orbax"):
