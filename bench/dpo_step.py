@@ -28,7 +28,7 @@ from ava_jax.losses import DpoConfig
 from ava_jax.models import HeadConfig, ModelConfig, TQR
 from ava_jax.train.step import freeze, init_train_state, make_train_step
 # bench/model.py: PyTorch in its own process, a median after a warm-up, 'median (min-max)' of rounds
-from model import in_fresh_process, spread, timed
+from model import add_malloc_flag, host_allocator, in_fresh_process, spread, timed
 
 SHAPES = {
     "tiny": dict(d_model=64, d_ff=172, n_layers=5, n_heads=8, n_kv_heads=4, vocab_size=512),
@@ -132,10 +132,12 @@ def main():
     p.add_argument("--rounds", type=int, default=1,
                    help="measure JAX and PyTorch (a fresh process) in turn this many times; ratios per round")
     p.add_argument("--no-torch", action="store_true")
+    add_malloc_flag(p)
     args = p.parse_args()
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; {args.pairs} pairs x {args.seq} tokens "
           f"(tok/s counts chosen + rejected), median of {args.reps} steps after one warm-up"
-          + (f"; ratios: median (range) of {args.rounds} rounds, JAX and PyTorch in turn" if args.rounds > 1 else ""))
+          + (f"; ratios: median (range) of {args.rounds} rounds, JAX and PyTorch in turn" if args.rounds > 1 else "")
+          + f"; {host_allocator(args)}")
     print("| model | DPO online tok/s: ours / torch | ratio | DPO cached tok/s: ours / torch | ratio "
           "| AVA-p direct / DPO cached (time) |")
     print("|---|---|---|---|---|---|")

@@ -37,6 +37,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from ava_jax import malloc
 from ava_jax import sharding as shd
 from ava_jax.checkpoints.load import load_pretrained
 from ava_jax.config import BUNDLED
@@ -45,6 +46,22 @@ from ava_jax.models import ModelConfig, TQR, param_count
 from ava_jax.models.config import ATTENTION_IMPLS
 from ava_jax.sampling import SamplingConfig, generate
 from ava_jax.train.step import init_train_state, make_train_step
+
+
+def add_malloc_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--default-malloc", action="store_true",
+                   help="leave glibc's mmap threshold at its default in the JAX process (ava_jax.main raises it)")
+
+
+def host_allocator(args) -> str:
+    """Sets the JAX process's allocator as `python -m ava_jax.main` does (`ava_jax.malloc`) unless
+    --default-malloc, and says which for the header. PyTorch's process keeps glibc's defaults, as its
+    users run it (its DPO step timed the same with the setting, docs/performance.md, eleventh pass)."""
+    if args.default_malloc:
+        return "host allocator: glibc's defaults"
+    if malloc.keep_temporaries_on_heap():
+        return "host allocator: mmap threshold 64 MiB in the JAX process, as ava_jax.main sets it"
+    return "host allocator: unchanged (not glibc, or GLIBC_TUNABLES sets a threshold)"
 
 
 def in_fresh_process(module: str, func: str, **kwargs):
@@ -242,13 +259,15 @@ def main():
     p.add_argument("--remat", choices=REMAT, default="auto",
                    help="JAX blocks as a checkpointed scan (ModelConfig.remat); auto: the default, on for CPU")
     p.add_argument("--attention", choices=ATTENTION_IMPLS, default="auto", help="ModelConfig.attention")
+    add_malloc_flag(p)
     args = p.parse_args()
+    allocator = host_allocator(args)
     dt = jnp.dtype(args.dtype)
     peak = matmul_peak(dt)
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} x{jax.device_count()}; "
           f"matmul peak ({args.dtype}, {'2048' if jax.default_backend() == 'cpu' else '8192'}^3): {peak:.1f} GFLOP/s")
     print(f"batch {args.batch} x seq {args.seq}; decode: prompt 32, 64 new tokens, greedy; "
-          f"remat {args.remat} (ModelConfig.remat), attention {args.attention}")
+          f"remat {args.remat} (ModelConfig.remat), attention {args.attention}; {allocator}")
     header = ("| model | params | fwd tok/s | train tok/s | decode KV tok/s | decode no-cache tok/s | fwd MFU % "
               "| train MFU % | train temp MiB")
     rows = []

@@ -28,7 +28,7 @@ from ava_jax.config import BUNDLED
 from ava_jax.models import HeadConfig, ModelConfig, TQR
 from ava_jax.models.config import ATTENTION_IMPLS
 from ava_jax.train.step import init_train_state, make_train_step
-from model import alternated  # bench/model.py: the functions timed in turn
+from model import add_malloc_flag, alternated, host_allocator  # bench/model.py
 
 
 def make_model(name, heads, dtype, attention="auto"):
@@ -86,9 +86,11 @@ def main():
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--attention", choices=ATTENTION_IMPLS, default="auto", help="ModelConfig.attention")
+    add_malloc_flag(p)
     args = p.parse_args()
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; {args.pairs} pairs x {args.seq} tokens, "
-          f"median of {args.reps} steps, the six steps taken in turn; attention {args.attention}")
+          f"median of {args.reps} steps, the six steps taken in turn; attention {args.attention}; "
+          f"{host_allocator(args)}")
     print("| model | BT step s | PT step s | AVA-p step s | AVA-d step s | AVA-p / BT | AVA-p (rwt off) / BT "
           "| AVA-p full Q rows / BT | temp MiB: BT / AVA-p / AVA-p full rows |")
     print("|---" * 9 + "|")
