@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from statistics import median
 
 import pytest
 
@@ -38,10 +39,6 @@ def run_program(mode: str, env=None) -> dict:
     out = subprocess.run([sys.executable, "-c", PROGRAM, mode], env=env, capture_output=True, text=True,
                          check=True, timeout=300)
     return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def median(xs):
-    return sorted(xs)[len(xs) // 2]
 
 
 @glibc
