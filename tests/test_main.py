@@ -1,5 +1,6 @@
 """The entry point: locked configs, dispatch, and the generate pipeline on the bundled model."""
 import os
+import re
 import subprocess
 import sys
 
@@ -83,6 +84,9 @@ def test_tiny_run_keeps_library_info_logs_quiet(tmp_path):
     assert (tmp_path / "checkpoints").is_dir()  # Orbax did run, it just kept quiet
     assert "mesh: data=" in proc.stderr and "pairs tokenised" in proc.stderr  # ava_jax's own INFO lines
     assert "train: 100%" in proc.stderr  # the progress bar
+    # Logged through absl's handler while the bar is drawn: on a line of its own, above the bar.
+    before = re.search(r"(.)I\d{4} [\d:.]+ +\d+ loop\.py:\d+\] step 2 eval", proc.stderr, re.S)
+    assert before and before.group(1) in "\r\n", proc.stderr[-3000:]
     for chatter in ("checkpoint_manager.py", "orbax", "CheckpointManager"):
         assert chatter not in proc.stderr, proc.stderr[-3000:]
 

@@ -2,6 +2,7 @@
 compiled memory analysis logged before step 1."""
 import logging
 import re
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -91,7 +92,7 @@ def test_a_good_step_is_the_optax_update_and_a_bad_one_leaves_the_donated_state_
     for _ in range(2):  # past the first step, so the moments are not zero
         state, _ = make_train_step(graphdef, lm_loss_fn, opt, mesh, state, batch)(state, batch, jax.random.key(0))
     host = lambda tree: jax.tree.map(np.asarray, tree)
-    params0, opt0 = host(state.params), host(state.opt_state)
+    params0 = host(state.params)
     key = jax.random.key(3)
     grads, _ = jax.jit(lambda p: grads_and_metrics(lm_loss_fn, graphdef, p, batch,
                                                    jax.random.fold_in(key, state.step), 1))(state.params)
@@ -211,3 +212,31 @@ def test_the_loop_logs_the_compiled_memory_before_step_1_and_compiles_once(caplo
     arguments = float(line.split("arguments ")[1].split(" MiB")[0].replace(",", ""))
     assert arguments >= 3 * param_mib  # parameters and both AdamW moments at least
     assert float(line.split("temporaries ")[1].split(" MiB")[0].replace(",", "")) > 0
+
+
+def test_log_records_print_above_the_progress_bar_not_after_it(capsys):
+    """A record logged while the bar is drawn (the compiled memory before step 1, an evaluation)
+    starts a line of its own: without `logs_above_bars` it is appended to the bar's text."""
+    mesh = shd.make_mesh()
+    batch = _batch()
+    graphdef, state = init_train_state(TQR(tiny_config("gpt2"), rngs=nnx.Rngs(1)), optax.adamw(3e-3), mesh)
+    step = make_train_step(graphdef, lm_loss_fn, optax.adamw(3e-3), mesh, state, batch)
+    handler = logging.StreamHandler(sys.stderr)  # a console handler, as logging.basicConfig installs
+    logger = logging.getLogger("ava_jax")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        train_loop(step, state, IteratorBatches(iter([batch] * 2)), jax.random.key(0),
+                   LoopOptions(num_steps=2, log_every=1, progress=True), writer=MetricWriter(None),
+                   eval_fn=lambda s: {"accuracy": 0.5})
+        after = list(logger.handlers)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert handler in after  # the loop put the console handler back after the run
+    err = capsys.readouterr().err
+    assert "train: 100%" in err  # the bar was drawn on the same stream
+    for needle in ("compiled train step", "step 2 eval: accuracy=0.5000"):
+        at = err.index(needle)
+        assert err[at - 1] in "\r\n", repr(err[max(0, at - 80):at + len(needle)])

@@ -10,6 +10,7 @@ step's metrics are fetched, and full metric means are pulled only on log steps.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from typing import Any, Callable, Protocol
@@ -91,14 +92,56 @@ def train_loop(step_fn, state, batches: BatchSource, key, options: LoopOptions, 
         return _loop(step_fn, state, batches, key, options, writer, checkpointer, eval_fn, watcher)
 
 
+class _AboveBars(logging.Handler):
+    """Hands each record to a console handler with the progress bars cleared, then draws them
+    again, so that the record prints on a line of its own instead of after the bar's text."""
+
+    def __init__(self, inner: logging.Handler, stream):
+        super().__init__(inner.level)
+        self.inner, self.stream = inner, stream
+
+    def handle(self, record):
+        with tqdm.external_write_mode(file=self.stream):
+            return self.inner.handle(record)
+
+
+def _console_stream(handler: logging.Handler):
+    """The stream of a handler that may share a terminal with the bar: a StreamHandler's (not a
+    FileHandler's) or, for absl's handler (which `app.run` installs on the root), its Python
+    handler's; None for any other handler."""
+    inner = getattr(handler, "python_handler", handler)
+    if isinstance(inner, logging.StreamHandler) and not isinstance(inner, logging.FileHandler):
+        return inner.stream
+    return None
+
+
+@contextlib.contextmanager
+def logs_above_bars(loggers=None):
+    """While open, the console handlers of `loggers` (default: the root and `ava_jax`) print their
+    records above the tqdm bars. tqdm's own `logging_redirect_tqdm` replaces only plain
+    StreamHandlers, so with absl's handler the records would print twice."""
+    loggers = [logging.getLogger(), logging.getLogger("ava_jax")] if loggers is None else loggers
+    saved = [(logger, logger.handlers) for logger in loggers]
+    try:
+        for logger in loggers:
+            logger.handlers = [h if (stream := _console_stream(h)) is None else _AboveBars(h, stream)
+                               for h in logger.handlers]
+        yield
+    finally:
+        for logger, handlers in saved:
+            logger.handlers = handlers
+
+
 def _loop(step_fn, state, batches, key, options, writer, checkpointer, eval_fn, watcher):
     start = int(jax.device_get(state.step))
     prev = None
     evals = None
     stop = False
-    # A context manager, so an error raised mid-run closes the bar and prints on a line of its own.
-    with tqdm(total=options.num_steps, initial=start, disable=not options.progress or jax.process_index() != 0,
-              desc="train", unit="step") as bar:
+    # A context manager, so an error raised mid-run closes the bar and prints on a line of its own;
+    # log records (evaluations, checkpoints, the libraries' warnings) print above the bar.
+    show = options.progress and jax.process_index() == 0
+    with tqdm(total=options.num_steps, initial=start, disable=not show, desc="train", unit="step") as bar, \
+            (logs_above_bars() if show else contextlib.nullcontext()):
         for step in range(start, options.num_steps):
             batch = batches.next_batch(state, step)
             if step == start and hasattr(step_fn, "describe_compiled"):  # style point 10: before step 1
