@@ -49,4 +49,8 @@ def keep_temporaries_on_heap(mmap_threshold: int = MMAP_THRESHOLD, trim_threshol
     if mallopt is None:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold)) and bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold))
+    # The mmap threshold first: glibc versions that cap it at half a thread heap (32 MiB; Debian 12's
+    # 2.36 does not) refuse it, and then nothing is changed. The trim threshold takes any value.
+    if not mallopt(_M_MMAP_THRESHOLD, mmap_threshold):
+        return False
+    return bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold))

@@ -66,3 +66,20 @@ def test_not_glibc_changes_nothing(monkeypatch):
     monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
     monkeypatch.setattr(malloc.os, "confstr", lambda name: "musl")
     assert malloc.keep_temporaries_on_heap() is False
+
+
+def test_a_refused_mmap_threshold_changes_nothing(monkeypatch):
+    """A glibc that caps the mmap threshold at 32 MiB refuses ours: then the trim threshold is left alone."""
+    calls = []
+
+    class Libc:
+        @staticmethod
+        def mallopt(param, value):
+            calls.append(param)
+            return int(param != malloc._M_MMAP_THRESHOLD)
+
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    monkeypatch.setattr(malloc.os, "confstr", lambda name: "glibc 2.17")
+    monkeypatch.setattr(malloc.ctypes, "CDLL", lambda name: Libc)
+    assert malloc.keep_temporaries_on_heap() is False
+    assert calls == [malloc._M_MMAP_THRESHOLD]
