@@ -5,7 +5,8 @@ on multi-host runs, logs the devices and dispatches on `config.pipeline`. It fir
 mmap threshold to 64 MiB (`ava_jax.malloc`), which a user's own GLIBC_TUNABLES overrides.
 
 The console shows ava_jax's own INFO lines (what the run does), every library's warnings and the
-progress bar; the libraries' INFO chatter (Orbax, absl, jax, grain, TFDS) only with `--verbose`
+progress bar, with the log lines printed above the bar (`train.loop.logs_above_bars`); the
+libraries' INFO chatter (Orbax, absl, jax, grain, TFDS) only with `--verbose`
 (or absl's `--verbosity=0`, which also sets ava_jax's level). A user error (`errors.is_user_error`:
 an unknown config key or bad value, a missing file, a bad data row, an unknown pipeline or variant)
 ends with one line, `error: <message naming the key or file:line>`, and exit status 2; any other
