@@ -141,6 +141,25 @@ inline void AccumulateT(const float* __restrict c, const float* __restrict x, in
   for (int64_t j = 0; j < n; ++j) acc[j] += c0 * x0[j] + c1 * x1[j] + c2 * x2[j] + c3 * x3[j];
 }
 
+// max_j s[j] for j < n (a multiple of kVec), with one vector of kVec running maxima. A float max
+// reduction written as one running scalar stays scalar (GCC vectorises it only under
+// -ffinite-math-only), and at head dim 8 that chain was the forward's largest cost. A NaN score is
+// dropped, as std::max drops it.
+typedef float VecF __attribute__((vector_size(kVec * sizeof(float))));
+
+inline float RowMax(const float* __restrict s, int64_t n) {
+  VecF lane;
+  for (int i = 0; i < kVec; ++i) lane[i] = kNeg;
+  for (int64_t j = 0; j < n; j += kVec) {
+    VecF x;
+    std::memcpy(&x, s + j, sizeof x);
+    lane = x > lane ? x : lane;
+  }
+  float m = kNeg;
+  for (int i = 0; i < kVec; ++i) m = std::max(m, lane[i]);
+  return m;
+}
+
 // Row t's scores past the diagonal masked, its own score unmasked (the scores hold q.k + bias, so
 // the own one is recomputed without it: a padding query attends to itself).
 template <int H>
@@ -164,8 +183,7 @@ void Forward(const float* q, const float* kT, const float* vT, const float* bias
     for (int r = 0; r < R; ++r) {
       float* sr = s + r * S;
       CausalFix<H>(qb + r * H, kT, t0 + r, n, S, sr);
-      float mr = kNeg;
-      for (int64_t j = 0; j < n; ++j) mr = std::max(mr, sr[j]);
+      const float mr = RowMax(sr, n);
       float lr = 0.f;
       for (int64_t j = 0; j < n; ++j) {
         sr[j] = Exp(sr[j] - mr);
