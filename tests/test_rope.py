@@ -13,10 +13,11 @@ def rotate_half(x):
     return np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
 
 
-def rope_f64(x, pos, inv_freq, scale):
+def cos_sin_f64(pos, inv_freq, scale):
+    """cos and sin [B, T, 1, H] of the angles, each frequency repeated over both halves."""
     angles = pos[..., None].astype(np.float64) * inv_freq
     angles = np.concatenate([angles, angles], axis=-1)[:, :, None, :]
-    return x * np.cos(angles) * scale + rotate_half(x) * np.sin(angles) * scale
+    return np.cos(angles) * scale, np.sin(angles) * scale
 
 
 @pytest.mark.parametrize("head_dim, rope", [(8, RopeConfig()),
@@ -32,12 +33,11 @@ def test_apply_rope_and_its_gradient_match_float64(head_dim, rope):
     assert scale != 1.0 or rope.rope_type == "default"
     args = (jnp.asarray(pos, jnp.int32), tuple(float(f) for f in inv_freq), scale)
     got = apply_rope(jnp.asarray(x, jnp.float32), *args)
-    np.testing.assert_allclose(got, rope_f64(x, pos, inv_freq, scale), rtol=1e-5, atol=1e-5)
+    cos, sin = cos_sin_f64(pos, inv_freq, scale)
+    np.testing.assert_allclose(got, x * cos + rotate_half(x) * sin, rtol=1e-5, atol=1e-5)
     # d/dx sum(w * rope(x)) = w cos + rotate_half^T(w sin), with rotate_half^T(y) = -rotate_half(y).
     grad = jax.grad(lambda v: jnp.sum(jnp.asarray(w, jnp.float32) * apply_rope(v, *args)))(jnp.asarray(x, jnp.float32))
-    angles = pos[..., None].astype(np.float64) * inv_freq
-    angles = np.concatenate([angles, angles], axis=-1)[:, :, None, :]
-    want = w * np.cos(angles) * scale - rotate_half(w * np.sin(angles) * scale)
+    want = w * cos - rotate_half(w * sin)
     np.testing.assert_allclose(grad, want, rtol=1e-5, atol=1e-5)
     bf16 = apply_rope(jnp.asarray(x, jnp.bfloat16), *args)
     assert bf16.dtype == jnp.bfloat16 and bf16.shape == x.shape
