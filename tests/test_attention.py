@@ -181,6 +181,40 @@ def test_backbone_same_with_every_kernel(arch, cpu_kernel):
             np.testing.assert_allclose(np.asarray(g_b), np.asarray(g_x), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("T,index", [(6, 0), (1, 9), (3, 5)])  # a prompt's prefill, one decoded token, a few
+def test_cached_attention_matches_float64_reference(T, index):
+    """New queries at slots [index, index + T) over a heads-major cache of S slots, left-padded rows."""
+    B, N, K, H, S = 3, 6, 2, 8, 12
+    keys = jax.random.split(jax.random.key(1), 3)
+    q = jax.random.normal(keys[0], (B, T, N, H))
+    k, v = (jax.random.normal(x, (B, K, S, H)) for x in keys[1:])
+    valid = np.ones((B, S), bool)
+    valid[0, :4] = False  # a short prompt, left-padded
+    valid[1, index + T - 1] = False  # a padding query: it still attends to itself
+    query_slot = index + np.arange(T)
+    mask = (np.arange(S)[None, :] <= query_slot[:, None])[None] & (
+        valid[:, None, :] | (np.arange(S)[None, :] == query_slot[:, None])[None])
+    got = jax.jit(attn_lib.cached_attention, static_argnums=4)(
+        q, k, v, attn_lib.attention_mask(jnp.asarray(valid), jnp.asarray(query_slot), jnp.arange(S)), H ** -0.5)
+
+    q64, k64, v64 = (np.asarray(x, np.float64) for x in (q, k, v))
+    k64, v64 = (np.repeat(x, N // K, axis=1) for x in (k64, v64))  # query head n reads key/value head n // G
+    s = np.einsum("btnh,bnsh->bnts", q64, k64) * H ** -0.5
+    s = np.where(mask[:, None], s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    ref = np.einsum("bnts,bnsh->btnh", p / p.sum(-1, keepdims=True), v64)
+    np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-5, atol=1e-5)
+
+    # In bfloat16 it computes what jax.nn.dot_product_attention (XLA) does with the cache token-major.
+    qb, kb, vb = (x.astype(jnp.bfloat16) for x in (q, k, v))
+    mask_j = jnp.asarray(mask)
+    got_b = attn_lib.cached_attention(qb, kb, vb, mask_j, H ** -0.5)
+    want_b = jax.nn.dot_product_attention(qb, jnp.swapaxes(kb, 1, 2), jnp.swapaxes(vb, 1, 2),
+                                          mask=mask_j[:, None], scale=H ** -0.5)
+    assert got_b.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(got_b, np.float32), np.asarray(want_b, np.float32), rtol=1e-2, atol=1e-2)
+
+
 def test_resolve_and_block_size():
     cfg = tiny_config()  # head dim 8
     assert resolve(cfg, cached=True) == "xla"  # the KV cache always takes the general path

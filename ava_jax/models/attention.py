@@ -83,7 +83,8 @@ def resolve(cfg: ModelConfig, cached: bool) -> str:
     "auto" is the compiled kernel on CPU ("cpu_kernel": where it builds and the head dim is in
     `CPU_KERNEL_AUTO_HEAD_DIMS`; the XLA query-blocked kernel "blocked" otherwise), cuDNN's fused
     attention on an NVIDIA GPU when the dtype and head dim fit it (`ModelConfig.cudnn_fits`), XLA
-    otherwise. With a KV cache it is always XLA.
+    otherwise. With a KV cache it is always XLA's ops ("xla": `cached_attention`, with the [B, T, S]
+    mask of `attention_mask`).
     """
     impl = cfg.attention
     if impl not in ATTENTION_IMPLS:
@@ -129,6 +130,34 @@ def attention_mask(key_valid_BxS, query_slot_T=None, key_slot_S=None):
     causal_TxS = key_slot_S[None, :] <= query_slot_T[:, None]
     own_TxS = key_slot_S[None, :] == query_slot_T[:, None]
     return causal_TxS[None] & (key_valid_BxS[:, None, :] | own_TxS[None])
+
+
+def cached_attention(q_BxTxNxH, k_BxKxSxH, v_BxKxSxH, mask_BxTxS, scale: float):
+    """T new queries attending over a KV cache's S slots (`models.transformer.KVCache`).
+
+    Args:
+      q_BxTxNxH: the new tokens' queries (K divides N: grouped-query heads share a key/value head).
+      k_BxKxSxH, v_BxKxSxH: the cache's keys and values, heads-major, the new tokens' slots written.
+      mask_BxTxS: which slots each query attends to (`attention_mask` over slots).
+      scale: multiplier of q.k.
+
+    The values are those of `jax.nn.dot_product_attention`'s XLA implementation: scores accumulated
+    in float32 and scaled, masked, a float32 softmax, probabilities cast to the values' dtype. The
+    layout is the point: with the cache stored [B, S, K, H] (what `dot_product_attention` takes),
+    XLA:CPU copied every layer's whole keys and values into [B, K, H, S] at every decoded token to
+    feed its products, the largest cost of sampling the TinyStories model at batch 512
+    (docs/performance.md, thirteenth pass); heads-major, the products read the cache where it lies.
+    """
+    B, T, N, H = q_BxTxNxH.shape
+    K = k_BxKxSxH.shape[1]
+    q_BxTxKxGxH = q_BxTxNxH.reshape(B, T, K, N // K, H)
+    s = jnp.einsum("btkgh,bksh->bkgts", q_BxTxKxGxH, k_BxKxSxH, preferred_element_type=jnp.float32)
+    s = jnp.where(mask_BxTxS[:, None, None], s * jnp.float32(scale), _NEG)
+    p = jax.nn.softmax(s, axis=-1).astype(v_BxKxSxH.dtype)
+    # Output [B, K, G, T, H], then moved: asking the product for [B, T, K, G, H] directly made XLA:CPU
+    # emit it as a slow transposed product instead of its matmul library's.
+    o = jnp.einsum("bkgts,bksh->bkgth", p, v_BxKxSxH)
+    return o.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
 
 
 def cudnn_causal_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, key_valid_BxT, scale: float,

@@ -31,7 +31,7 @@ class KVCache:
     (prompts are left-padded) and `next_pos_B` is the position id the row's next token gets.
     """
 
-    k: tuple  # per layer [B, S, K, H]
+    k: tuple  # per layer [B, K, S, H]: heads-major, so decoding reads it in place (`attention.cached_attention`)
     v: tuple
     valid_BxS: jax.Array
     next_pos_B: jax.Array
@@ -39,7 +39,7 @@ class KVCache:
 
     @classmethod
     def init(cls, cfg: ModelConfig, batch: int, slots: int) -> "KVCache":
-        shape = (batch, slots, cfg.n_kv_heads, cfg.head_dim)
+        shape = (batch, cfg.n_kv_heads, slots, cfg.head_dim)
         zeros = tuple(jnp.zeros(shape, cfg.jnp_dtype) for _ in range(cfg.n_layers))
         return cls(k=zeros, v=zeros, valid_BxS=jnp.zeros((batch, slots), bool),
                    next_pos_B=jnp.zeros((batch,), jnp.int32), index=jnp.zeros((), jnp.int32))
@@ -115,25 +115,27 @@ class Attention(nnx.Module):
         if cfg.rope is not None:
             q_BxTxNxH = apply_rope(q_BxTxNxH, pos_BxT, self.inv_freq, self.rope_scale)
             k_BxTxKxH = apply_rope(k_BxTxKxH, pos_BxT, self.inv_freq, self.rope_scale)
-        if layer_cache is not None:
-            k_cache, v_cache = layer_cache
-            k_BxSxKxH = jax.lax.dynamic_update_slice_in_dim(k_cache, k_BxTxKxH.astype(k_cache.dtype), index, axis=1)
-            v_BxSxKxH = jax.lax.dynamic_update_slice_in_dim(v_cache, v_BxTxKxH.astype(v_cache.dtype), index, axis=1)
-            layer_cache = (k_BxSxKxH, v_BxSxKxH)
-        else:
-            k_BxSxKxH, v_BxSxKxH = k_BxTxKxH, v_BxTxKxH
         scale = 1.0 / (cfg.head_dim ** 0.5)
         impl = attn_lib.resolve(cfg, cached=layer_cache is not None)
-        if impl in ("blocked", "cpu_kernel"):
-            out_BxTxNxH = attn_lib.blocked_causal_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask, scale,
+        if layer_cache is not None:
+            # The new tokens' keys and values go into the heads-major cache at slot `index`.
+            k_cache, v_cache = layer_cache
+            k_BxKxSxH, v_BxKxSxH = (
+                jax.lax.dynamic_update_slice_in_dim(cache, jnp.swapaxes(new, 1, 2).astype(cache.dtype), index, axis=2)
+                for cache, new in ((k_cache, k_BxTxKxH), (v_cache, v_BxTxKxH)))
+            layer_cache = (k_BxKxSxH, v_BxKxSxH)
+            out_BxTxNxH = attn_lib.cached_attention(q_BxTxNxH, k_BxKxSxH.astype(dt), v_BxKxSxH.astype(dt), mask,
+                                                    scale)
+        elif impl in ("blocked", "cpu_kernel"):
+            out_BxTxNxH = attn_lib.blocked_causal_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask, scale,
                                                             compiled=impl == "cpu_kernel")
         elif impl == "cudnn":
-            out_BxTxNxH = attn_lib.cudnn_causal_attention(q_BxTxNxH, k_BxSxKxH.astype(dt), v_BxSxKxH.astype(dt),
+            out_BxTxNxH = attn_lib.cudnn_causal_attention(q_BxTxNxH, k_BxTxKxH.astype(dt), v_BxTxKxH.astype(dt),
                                                           mask, scale)
         else:
             # XLA's fused attention handles grouped-query heads (K divides N) without repeating K/V.
             out_BxTxNxH = jax.nn.dot_product_attention(
-                q_BxTxNxH, k_BxSxKxH.astype(dt), v_BxSxKxH.astype(dt), mask=mask[:, None], scale=scale)
+                q_BxTxNxH, k_BxTxKxH.astype(dt), v_BxTxKxH.astype(dt), mask=mask[:, None], scale=scale)
         y = weight_einsum("btnh,nhd->btd", out_BxTxNxH, self.wo[...].astype(dt))
         if self.bo is not None:
             y = y + self.bo[...].astype(dt)
