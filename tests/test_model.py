@@ -10,6 +10,7 @@ from flax import nnx
 
 from ava_jax.models import HeadConfig, KVCache, TQR, Transformer
 from ava_jax.models.linear import weight_einsum
+from ava_jax import sampling
 from ava_jax.sampling import SamplingConfig, generate
 
 from conftest import tiny_config
@@ -263,6 +264,28 @@ def test_batched_generation_equals_one_by_one(temperature, top_k, top_p):
             np.testing.assert_allclose(batched.logprobs[i], single.logprobs[0], rtol=1e-5, atol=1e-5)
     assert batched.tokens.shape == batched.logprobs.shape == batched.mask.shape == (3, 10)
     assert bool(jnp.all(batched.logprobs <= 0))
+
+
+def test_argmax_and_categorical_equal_jax_s_including_ties_infinities_and_nan():
+    """The sampler's vectorised argmax returns jnp.argmax's index, and its categorical draws what
+    jax.random.categorical draws from the same key."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(9, 300)).astype(np.float32)
+    x[1, [7, 150]] = 10.0  # a tie: the first one wins
+    x[2, :] = -np.inf  # a row without a finite logit: index 0
+    x[3, [5, 9]] = np.nan  # NaN counts as the maximum: the first NaN
+    x[3, 2] = np.inf
+    x[4, ::2] = -np.inf  # banned tokens
+    x[5, 299] = np.inf
+    x[6] = np.round(x[6])  # many ties
+    x_j = jnp.asarray(x)
+    np.testing.assert_array_equal(np.asarray(jax.jit(sampling.argmax_last)(x_j)), np.argmax(x, axis=-1))
+    np.testing.assert_array_equal(np.asarray(jax.jit(sampling.argmax_last)(x_j)), np.asarray(jnp.argmax(x_j, -1)))
+    finite = jnp.asarray(np.where(np.isnan(x), 0.0, x)[:, :257])  # an odd vocabulary size too
+    for seed in range(5):
+        key = jax.random.key(seed)
+        np.testing.assert_array_equal(np.asarray(jax.jit(sampling.categorical)(key, finite)),
+                                      np.asarray(jax.random.categorical(key, finite, axis=-1)))
 
 
 def test_generation_logprobs_match_forward():
