@@ -126,7 +126,8 @@ def _generate(graphdef, state, tokens_BxP, mask_BxP, key, *, cfg: SamplingConfig
     model: Transformer = nnx.merge(graphdef, state)
     B, P = tokens_BxP.shape
     cache = KVCache.init(model.cfg, B, P + n_new)
-    out = model(tokens_BxP, mask_BxP, cache=cache)
+    out = model(tokens_BxP, mask_BxP, cache=cache, logits=False)  # the last prompt token's logits only:
+    first_logits_BxV = model.logits(out.hidden[:, -1:])[:, 0]  # (left padding: every row's last token)
     eos = -1 if cfg.eos_id is None else cfg.eos_id
 
     def cond(carry):
@@ -147,7 +148,7 @@ def _generate(graphdef, state, tokens_BxP, mask_BxP, key, *, cfg: SamplingConfig
         step = nnx.merge(graphdef, state)(token_B[:, None], live_B[:, None], cache=cache)
         return i + 1, step.cache, step.logits[:, -1], done_B, tokens_BxN, logp_BxN, mask_BxN
 
-    init = (jnp.zeros((), jnp.int32), out.cache, out.logits[:, -1], jnp.zeros((B,), bool),
+    init = (jnp.zeros((), jnp.int32), out.cache, first_logits_BxV, jnp.zeros((B,), bool),
             jnp.full((B, n_new), cfg.pad_id, jnp.int32), jnp.zeros((B, n_new), jnp.float32),
             jnp.zeros((B, n_new), bool))
     _, _, _, _, tokens_BxN, logp_BxN, mask_BxN = jax.lax.while_loop(cond, body, init)

@@ -248,6 +248,30 @@ def test_cache_decode_equals_full_forward(any_tiny_config):
         logits = out.logits[:, -1]
 
 
+@pytest.mark.parametrize("attention", ["auto", "xla"])
+def test_prefill_into_an_empty_cache_equals_attending_over_its_slots(any_tiny_config, attention):
+    """A prompt written into an empty cache attends among its own tokens with the uncached kernels
+    (`KVCache.empty`); the same prompt through the slot-masked cached path gives the same logits and
+    the same cache, and the next decoded token's logits agree."""
+    cfg = dataclasses.replace(any_tiny_config, attention=attention)
+    model = Transformer(cfg, nnx.Rngs(7))
+    tokens = jnp.asarray([[0, 0, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14], [0, 0, 0, 0, 0, 15]], jnp.int32)
+    mask = tokens != 0  # left-padded
+    fresh = KVCache.init(cfg, 3, 9)
+    assert fresh.empty
+    outs = [jax.jit(lambda c: model(tokens, mask, cache=c))(c) for c in (fresh, dataclasses.replace(fresh, empty=False))]
+    real = np.asarray(mask)
+    np.testing.assert_allclose(np.asarray(outs[0].logits)[real], np.asarray(outs[1].logits)[real], rtol=1e-5, atol=1e-5)
+    for a, b in zip(outs[0].cache.k + outs[0].cache.v, outs[1].cache.k + outs[1].cache.v):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+    assert not outs[0].cache.empty and not outs[1].cache.empty
+    for name in ("valid_BxS", "next_pos_B", "index"):
+        np.testing.assert_array_equal(getattr(outs[0].cache, name), getattr(outs[1].cache, name))
+    nxt = jnp.asarray([[16], [17], [18]], jnp.int32)
+    steps = [model(nxt, jnp.ones((3, 1), bool), cache=o.cache).logits for o in outs]
+    np.testing.assert_allclose(np.asarray(steps[0]), np.asarray(steps[1]), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("temperature,top_k,top_p", [(0.0, 0, 1.0), (1.0, 5, 0.9)])
 def test_batched_generation_equals_one_by_one(temperature, top_k, top_p):
     cfg = tiny_config("llama", vocab_size=50)

@@ -44,8 +44,9 @@ BOS_ID, EOS_ID = 1, 2  # llama2.c tok512; EOS is also the pad id
 PROMPT_BUCKET = 32  # prompt tokens including BOS: one compiled sampling shape, one layout width
 SPLIT_SALT = "stories"
 # Bump when a change alters generated data or the cache file: part of the cache key. 2: the KV cache
-# laid out heads-major (docs/performance.md, change 22) changed the float rounding of sampling's
-# logits, and with it one sampled token of the 1,024 validation demonstrations (and what followed it).
+# laid out heads-major and the prompt's prefill through the uncached kernels (docs/performance.md,
+# changes 22 and 24) round sampling's logits differently, which moves a sampled token wherever two
+# candidates nearly tie (change 22 alone moved one of the 1,024 validation demonstrations).
 FORMAT_VERSION = 2
 
 # ------------------------------------------------------------------------------------------------ prompts

@@ -28,7 +28,10 @@ class KVCache:
     """Keys and values of every layer for `S` slots, written left to right.
 
     All rows share the write slot `index`; per row, `valid_BxS` marks slots that hold a real token
-    (prompts are left-padded) and `next_pos_B` is the position id the row's next token gets.
+    (prompts are left-padded) and `next_pos_B` is the position id the row's next token gets. `empty`
+    (static) is True until the first tokens are written: that call, a prompt's prefill, has nothing
+    earlier to attend to, so it runs the uncached attention kernels over its own tokens (the compiled
+    kernel on CPU, cuDNN's on a GPU) and only writes the cache.
     """
 
     k: tuple  # per layer [B, K, S, H]: heads-major, so decoding reads it in place (`attention.cached_attention`)
@@ -36,13 +39,14 @@ class KVCache:
     valid_BxS: jax.Array
     next_pos_B: jax.Array
     index: jax.Array  # int32 scalar
+    empty: bool = flax.struct.field(pytree_node=False, default=False)
 
     @classmethod
     def init(cls, cfg: ModelConfig, batch: int, slots: int) -> "KVCache":
         shape = (batch, cfg.n_kv_heads, slots, cfg.head_dim)
         zeros = tuple(jnp.zeros(shape, cfg.jnp_dtype) for _ in range(cfg.n_layers))
         return cls(k=zeros, v=zeros, valid_BxS=jnp.zeros((batch, slots), bool),
-                   next_pos_B=jnp.zeros((batch,), jnp.int32), index=jnp.zeros((), jnp.int32))
+                   next_pos_B=jnp.zeros((batch,), jnp.int32), index=jnp.zeros((), jnp.int32), empty=True)
 
 
 @flax.struct.dataclass
@@ -101,8 +105,11 @@ class Attention(nnx.Module):
             # A tuple, not an array: it is static graph data and must hash by value for jit caching.
             self.inv_freq = tuple(float(f) for f in inv_freq)
 
-    def __call__(self, x_BxTxD, pos_BxT, mask, layer_cache=None, index=None):
-        """`mask` is the [B, T, S] boolean mask (XLA path) or the [B, T] key-valid mask (the others)."""
+    def __call__(self, x_BxTxD, pos_BxT, mask, layer_cache=None, index=None, prefill=False):
+        """`mask` is the [B, T, S] boolean mask (XLA path) or the [B, T] key-valid mask (the others).
+
+        With `layer_cache` the new keys and values are written at slot `index`; with `prefill` (the
+        cache was empty) the new tokens attend only among themselves, as without a cache."""
         cfg, dt = self.cfg, self.cfg.jnp_dtype
 
         def proj(w, b):
@@ -116,7 +123,8 @@ class Attention(nnx.Module):
             q_BxTxNxH = apply_rope(q_BxTxNxH, pos_BxT, self.inv_freq, self.rope_scale)
             k_BxTxKxH = apply_rope(k_BxTxKxH, pos_BxT, self.inv_freq, self.rope_scale)
         scale = 1.0 / (cfg.head_dim ** 0.5)
-        impl = attn_lib.resolve(cfg, cached=layer_cache is not None)
+        cached = layer_cache is not None and not prefill
+        impl = attn_lib.resolve(cfg, cached=cached)
         if layer_cache is not None:
             # The new tokens' keys and values go into the heads-major cache at slot `index`.
             k_cache, v_cache = layer_cache
@@ -124,6 +132,7 @@ class Attention(nnx.Module):
                 jax.lax.dynamic_update_slice_in_dim(cache, jnp.swapaxes(new, 1, 2).astype(cache.dtype), index, axis=2)
                 for cache, new in ((k_cache, k_BxTxKxH), (v_cache, v_BxTxKxH)))
             layer_cache = (k_BxKxSxH, v_BxKxSxH)
+        if cached:
             out_BxTxNxH = attn_lib.cached_attention(q_BxTxNxH, k_BxKxSxH.astype(dt), v_BxKxSxH.astype(dt), mask,
                                                     scale)
         elif impl in ("blocked", "cpu_kernel"):
@@ -174,8 +183,8 @@ class Block(nnx.Module):
         self.ln_mlp = Norm(cfg)
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x_BxTxD, pos_BxT, mask, layer_cache=None, index=None):
-        a, layer_cache = self.attn(self.ln_attn(x_BxTxD), pos_BxT, mask, layer_cache, index)
+    def __call__(self, x_BxTxD, pos_BxT, mask, layer_cache=None, index=None, prefill=False):
+        a, layer_cache = self.attn(self.ln_attn(x_BxTxD), pos_BxT, mask, layer_cache, index, prefill)
         x_BxTxD = x_BxTxD + a
         return x_BxTxD + self.mlp(self.ln_mlp(x_BxTxD)), layer_cache
 
@@ -256,16 +265,19 @@ class Transformer(nnx.Module):
         # Position ids count real tokens only, so left-padded prompts start at position 0.
         start_B = jnp.zeros((B,), jnp.int32) if cache is None else cache.next_pos_B
         pos_BxT = jnp.maximum(start_B[:, None] + jnp.cumsum(mask_BxT, axis=1, dtype=jnp.int32) - 1, 0)
-        if cache is None:
-            query_slot_T = key_slot_S = jnp.arange(T)
+        # Without a cache, or into an empty one (a prompt's prefill), the T tokens attend among themselves.
+        prefill = cache is not None and cache.empty
+        index = None if cache is None else cache.index
+        if cache is not None:
+            cache_valid_BxS = jax.lax.dynamic_update_slice_in_dim(cache.valid_BxS, mask_BxT, index, axis=1)
+        if cache is None or prefill:
+            query_slot_T = key_slot_S = None
             key_valid_BxS = mask_BxT
-            index = None
         else:
-            index = cache.index
             query_slot_T = index + jnp.arange(T)
             key_slot_S = jnp.arange(cache.valid_BxS.shape[1])
-            key_valid_BxS = jax.lax.dynamic_update_slice_in_dim(cache.valid_BxS, mask_BxT, index, axis=1)
-        if attn_lib.resolve(cfg, cached=cache is not None) in ("blocked", "cpu_kernel", "cudnn"):
+            key_valid_BxS = cache_valid_BxS
+        if attn_lib.resolve(cfg, cached=cache is not None and not prefill) in ("blocked", "cpu_kernel", "cudnn"):
             mask = key_valid_BxS  # these kernels take causality and padding from the key-valid mask
         else:
             mask = attn_lib.attention_mask(key_valid_BxS, query_slot_T, key_slot_S)
@@ -282,14 +294,14 @@ class Transformer(nnx.Module):
         else:
             for i, block in enumerate(self.blocks):
                 layer_cache = None if cache is None else (cache.k[i], cache.v[i])
-                x_BxTxD, layer_cache = block(x_BxTxD, pos_BxT, mask, layer_cache, index)
+                x_BxTxD, layer_cache = block(x_BxTxD, pos_BxT, mask, layer_cache, index, prefill)
                 if cache is not None:
                     new_k.append(layer_cache[0])
                     new_v.append(layer_cache[1])
         h_BxTxD = self.ln_final(x_BxTxD)
         logits_BxTxV = self.logits(h_BxTxD) if logits else None
         if cache is not None:
-            cache = KVCache(k=tuple(new_k), v=tuple(new_v), valid_BxS=key_valid_BxS,
+            cache = KVCache(k=tuple(new_k), v=tuple(new_v), valid_BxS=cache_valid_BxS,
                             next_pos_B=cache.next_pos_B + mask_BxT.sum(axis=1, dtype=jnp.int32),
                             index=index + T)
         return BackboneOutput(hidden=h_BxTxD, logits=logits_BxTxV, cache=cache)
