@@ -89,9 +89,9 @@ def _filter_logits(logits_BxV, top_k: int, top_p: float):
 def argmax_last(x_BxV):
     """`jnp.argmax(x, axis=-1)`, the same index (the first maximum; the first NaN where a row has one)
     as two vectorised reductions, a maximum and a minimum over the maxima's positions. XLA:CPU emits
-    argmax as one reduction over (value, index) pairs that it does not vectorise: sampling the
-    TinyStories model at batch 512, `jax.random.categorical`'s argmax cost 3.3 ms per token, and
-    this 1.4 ms (docs/performance.md, thirteenth pass)."""
+    argmax as one reduction over (value, index) pairs that it does not vectorise: over [512, 512]
+    logits (the TinyStories model sampled at batch 512) `jax.random.categorical` took 3.3 ms and
+    `categorical` below 1.4 ms (docs/performance.md, thirteenth pass)."""
     nan_BxV = jnp.isnan(x_BxV)
     max_Bx1 = jnp.max(x_BxV, axis=-1, keepdims=True)
     hit_BxV = jnp.where(jnp.any(nan_BxV, axis=-1, keepdims=True), nan_BxV, x_BxV == max_Bx1)
@@ -126,8 +126,10 @@ def _generate(graphdef, state, tokens_BxP, mask_BxP, key, *, cfg: SamplingConfig
     model: Transformer = nnx.merge(graphdef, state)
     B, P = tokens_BxP.shape
     cache = KVCache.init(model.cfg, B, P + n_new)
-    out = model(tokens_BxP, mask_BxP, cache=cache, logits=False)  # the last prompt token's logits only:
-    first_logits_BxV = model.logits(out.hidden[:, -1:])[:, 0]  # (left padding: every row's last token)
+    # Prompts are left-padded, so every row's last prompt token is in the last column: only its
+    # logits are sampled from, so only its LM head is computed.
+    out = model(tokens_BxP, mask_BxP, cache=cache, logits=False)
+    first_logits_BxV = model.logits(out.hidden[:, -1:])[:, 0]
     eos = -1 if cfg.eos_id is None else cfg.eos_id
 
     def cond(carry):
