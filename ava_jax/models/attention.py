@@ -83,8 +83,9 @@ def resolve(cfg: ModelConfig, cached: bool) -> str:
     "auto" is the compiled kernel on CPU ("cpu_kernel": where it builds and the head dim is in
     `CPU_KERNEL_AUTO_HEAD_DIMS`; the XLA query-blocked kernel "blocked" otherwise), cuDNN's fused
     attention on an NVIDIA GPU when the dtype and head dim fit it (`ModelConfig.cudnn_fits`), XLA
-    otherwise. With a KV cache it is always XLA's ops ("xla": `cached_attention`, with the [B, T, S]
-    mask of `attention_mask`).
+    otherwise. Attending over a KV cache's earlier slots (`cached=True`) is always XLA's ops ("xla":
+    `cached_attention`, with the [B, T, S] mask of `attention_mask`); a prompt's prefill into an empty
+    cache has no earlier slots and takes the uncached choice (`models.transformer.KVCache.empty`).
     """
     impl = cfg.attention
     if impl not in ATTENTION_IMPLS:
