@@ -30,8 +30,8 @@ class KVCache:
     All rows share the write slot `index`; per row, `valid_BxS` marks slots that hold a real token
     (prompts are left-padded) and `next_pos_B` is the position id the row's next token gets. `empty`
     (static) is True until the first tokens are written: that call, a prompt's prefill, has nothing
-    earlier to attend to, so it runs the uncached attention kernels over its own tokens (the compiled
-    kernel on CPU, cuDNN's on a GPU) and only writes the cache.
+    earlier to attend to, so it runs `attention.resolve`'s uncached choice over its own tokens (on CPU
+    the compiled kernel) and only writes the cache.
     """
 
     k: tuple  # per layer [B, K, S, H]: heads-major, so decoding reads it in place (`attention.cached_attention`)
