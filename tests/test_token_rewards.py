@@ -1,12 +1,14 @@
 """Per-token reward means for the ground-truth diagnostics: equal to the reader's values row by row,
-whatever the batching and padding, and one compiled program per length bucket."""
+whatever the batching and padding, one compiled program per length bucket, and read in the pair
+scorer's own forward."""
 import jax
 import numpy as np
 from flax import nnx
 
 from ava_jax import objectives
-from ava_jax.data import SeqArrays, collate_sequences
+from ava_jax.data import PairArrays, SeqArrays, collate_sequences, eval_batches
 from ava_jax.eval.intermediate import make_token_reward_reader, token_reward_means
+from ava_jax.eval.reward import make_pair_scorer, pair_scores
 from ava_jax.models import TQR
 
 from conftest import tiny_config
@@ -47,3 +49,35 @@ def test_token_reward_means_match_each_row_alone():
     # A second side or split reuses the compiled programs.
     token_reward_means(token_reader, params, arrays, MAX_LEN, pad_id=0, batch_size=4, pad_to_multiple=8)
     assert token_reader._cache_size() == 3
+
+
+def test_pair_scorer_reads_token_means_in_its_scoring_pass():
+    """make_pair_scorer's reader: the same scores as the plain scorer, the same means as
+    token_reward_means on each side, and one forward (XLA merges the reader's with the score's)."""
+    model = TQR(tiny_config(max_seq_len=MAX_LEN), rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+    objective = objectives.get("ava_p")
+    score_fn, reader = objective.score_fn(None, "sum"), objective.reward_reader()
+    arrays = PairArrays(chosen=_arrays(0), rejected=_arrays(1))
+    batching = dict(batch_size=4, pad_id=0, pad_to_multiple=8)
+    plain_scorer = make_pair_scorer(score_fn, graphdef)
+    scorer = make_pair_scorer(score_fn, graphdef, reader=reader)
+
+    plain = pair_scores(plain_scorer, params, arrays, **batching)
+    got = pair_scores(scorer, params, arrays, token_length=MAX_LEN, **batching)
+
+    assert set(got) == set(plain) | {"mu_c", "mu_r"}
+    for k, v in plain.items():
+        np.testing.assert_allclose(got[k], v, rtol=1e-6, atol=1e-7, err_msg=k)
+    token_reader = make_token_reward_reader(reader, graphdef)
+    for k, side in (("mu_c", arrays.chosen), ("mu_r", arrays.rejected)):
+        want = token_reward_means(token_reader, params, side, MAX_LEN, **batching)
+        assert got[k].shape == want.shape == (len(arrays), MAX_LEN) and np.abs(want).max() > 0
+        np.testing.assert_allclose(got[k], want, rtol=1e-6, atol=1e-7, err_msg=k)
+    # One pass: the program with the means costs about what the plain one does (two forwards: 2x).
+    batch, _ = next(eval_batches(arrays, **batching))
+    flops = [f.lower(params, batch).compile().cost_analysis()["flops"] for f in (plain_scorer, scorer)]
+    assert flops[1] < 1.2 * flops[0], flops
+    # Without token_length the means are as wide as a row can be.
+    wide = pair_scores(scorer, params, arrays, **batching)
+    assert wide["mu_c"].shape == (len(arrays), arrays.max_len)

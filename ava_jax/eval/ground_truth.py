@@ -9,7 +9,6 @@ from __future__ import annotations
 import numpy as np
 
 from ava_jax.data import synthetic as syn
-from ava_jax.eval.intermediate import token_reward_means
 
 
 def response_positions(tokens_NxT: np.ndarray, mask_NxT: np.ndarray, prompt_len_N: np.ndarray) -> np.ndarray:
@@ -18,26 +17,26 @@ def response_positions(tokens_NxT: np.ndarray, mask_NxT: np.ndarray, prompt_len_
     return np.asarray(mask_NxT, bool) & (pos_1xT >= np.asarray(prompt_len_N)[:, None])
 
 
-def ground_truth_diagnostics(split: str, prefs, token_reader, params, arrays, *, pad_id: int,
-                             batch_size: int, pad_to_multiple: int | None) -> dict[str, float]:
+def ground_truth_diagnostics(split: str, prefs, mu_c: np.ndarray, mu_r: np.ndarray) -> dict[str, float]:
     """Bayes ceiling, prefix-pair accuracy and Spearman(mu_t, r*_t) of a trained model on one split.
 
     Args:
       split: name used as the key prefix.
       prefs: the split's ground-truth preferences.
-      token_reader: `intermediate.make_token_reward_reader` of the objective's per-transition reward
-        reader (`Objective.reward_reader`, which decides where mu_t is read, e.g. AVA's reward_align).
-      params: the trained model's parameters.
-      arrays: the split's PairArrays as the model saw them.
-      pad_id, batch_size, pad_to_multiple: batching of the forward passes.
+      mu_c, mu_r: [N, T] the trained model's reward means of the chosen and rejected rows,
+        `intermediate.token_reward_means`' layout (mu[n, t] for the transition whose action is token
+        t; T = prefs.chosen_tokens_NxT.shape[1]), read by the objective's per-transition reward reader
+        (`Objective.reward_reader`, which decides where mu_t is read, e.g. AVA's reward_align).
+        `eval.reward.pair_scores` returns them with the pair scores, from the same forward.
 
     Returns:
       {f"{split}_bayes_optimal_accuracy", f"{split}_prefix_accuracy", f"{split}_reward_spearman"}.
     """
     length = prefs.chosen_tokens_NxT.shape[1]
-    batching = dict(pad_id=pad_id, batch_size=batch_size, pad_to_multiple=pad_to_multiple)
-    mu_c = token_reward_means(token_reader, params, arrays.chosen, length, **batching)
-    mu_r = token_reward_means(token_reader, params, arrays.rejected, length, **batching)
+    for name, mu in (("mu_c", mu_c), ("mu_r", mu_r)):
+        if np.shape(mu) != (len(prefs.chosen_tokens_NxT), length):
+            raise ValueError(f"ground_truth_diagnostics({split!r}): {name} has shape {np.shape(mu)}, the split's "
+                             f"preferences need {(len(prefs.chosen_tokens_NxT), length)}")
     response_len = getattr(prefs, "response_len", None) or prefs.task.cfg.response_len
     pairs = syn.make_prefix_pairs(prefs, response_len=response_len)
     mask = np.concatenate([response_positions(prefs.chosen_tokens_NxT, prefs.chosen_mask_NxT, prefs.chosen_prompt_len_N),

@@ -29,15 +29,29 @@ def response_rewards(graphdef, params, reader, side: dict):
     return tuple(np.asarray(x) for x in reader(nnx.merge(graphdef, params), side))
 
 
+def token_columns(reader, model, side):
+    """mu [B, 1 + N] of one side, traced inside a jitted function: transition t's mean at column t + 1,
+    the column of its action token (column 0, the first token, has none and holds 0)."""
+    mu_BxN = reader(model, side)[0]
+    return jnp.pad(mu_BxN, ((0, 0), (1, 0)))
+
+
 def make_token_reward_reader(reader, graphdef):
-    """The jitted `(params, side) -> mu [B, 1 + N]` (mu of transition t at column t + 1, the column of
-    its action token); build it once per run, as `reward.make_pair_scorer`, so every split and
-    side reuses the compiled program."""
+    """The jitted `(params, side) -> mu [B, 1 + N]` (`token_columns`); build it once per run, as
+    `reward.make_pair_scorer`, so every split and side reuses the compiled program."""
     @xla.jit
     def one(params, side):
-        mu_BxN = reader(nnx.merge(graphdef, params), side)[0]
-        return jnp.pad(mu_BxN, ((0, 0), (1, 0)))
+        return token_columns(reader, nnx.merge(graphdef, params), side)
     return one
+
+
+def place_token_means(mu_BxM, n: int, length: int) -> np.ndarray:
+    """The first n rows of a batch's `token_columns` as float32 [n, length]: cut to `length` columns,
+    or zero-filled up to it (a batch is padded to its length bucket, not to the data's length)."""
+    mu = np.asarray(mu_BxM)[:n, :length]
+    full = np.zeros((n, length), np.float32)
+    full[:, : mu.shape[1]] = mu
+    return full
 
 
 def token_reward_means(token_reader, params, arrays, length: int, *, pad_id: int, batch_size: int,
@@ -47,12 +61,9 @@ def token_reward_means(token_reader, params, arrays, length: int, *, pad_id: int
 
     token_reader: `make_token_reward_reader`'s function. The rows go in `data.eval_batches`, as the
     pairwise evaluation's do, so a split compiles one program per length bucket, not one per batch
-    (the causal model's values at real positions do not depend on the padding after them).
+    (the causal model's values at real positions do not depend on the padding after them). For both
+    sides of a pair split in the pass that scores them, see `reward.make_pair_scorer`'s `reader`.
     """
-    rows = []
-    for batch, n in eval_batches(arrays, batch_size, pad_id=pad_id, pad_to_multiple=pad_to_multiple):
-        mu = np.asarray(jax.device_get(token_reader(params, batch)))[:n]
-        full = np.zeros((n, length), np.float32)
-        full[:, : min(length, mu.shape[1])] = mu[:, :length]
-        rows.append(full)
+    rows = [place_token_means(jax.device_get(token_reader(params, batch)), n, length)
+            for batch, n in eval_batches(arrays, batch_size, pad_id=pad_id, pad_to_multiple=pad_to_multiple)]
     return np.concatenate(rows)

@@ -7,31 +7,52 @@ from flax import nnx
 
 from ava_jax import xla
 from ava_jax.data import eval_batches
+from ava_jax.eval.intermediate import place_token_means, token_columns
 
 
-def make_pair_scorer(score_fn, graphdef):
+def make_pair_scorer(score_fn, graphdef, reader=None):
     """The jitted `(params, batch) -> ((score_c, sigma_c, lm_c), (score_r, sigma_r, lm_r))`; build it
-    once per run so repeated evaluations reuse the compiled program."""
+    once per run so repeated evaluations reuse the compiled program.
+
+    With `reader` (an objective's per-transition reward reader, `Objective.reward_reader`), it
+    returns `(side_c, side_r, (mu_c, mu_r))` as well: both sides' per-token reward means in
+    `intermediate.token_columns`' layout, for the ground-truth diagnostics. The reader's forward is
+    the score's, on the same tokens in the same program, and XLA computes it once (common
+    subexpressions): the diagnostics cost a readout, not a second pass over the split.
+    """
     @xla.jit
     def both(params, batch):
         model = nnx.merge(graphdef, params)
-        return score_fn(model, batch["chosen"]), score_fn(model, batch["rejected"])
+        sides = score_fn(model, batch["chosen"]), score_fn(model, batch["rejected"])
+        if reader is None:
+            return sides
+        return (*sides, tuple(token_columns(reader, model, batch[side]) for side in ("chosen", "rejected")))
     return both
 
 
-def pair_scores(scorer, params, arrays, *, batch_size: int, pad_id: int, pad_to_multiple: int | None):
+def pair_scores(scorer, params, arrays, *, batch_size: int, pad_id: int, pad_to_multiple: int | None,
+                token_length: int | None = None):
     """Scores every pair in file order with `make_pair_scorer`'s function.
 
     Returns a dict of [N] arrays: score/sigma/lm (mean LM log-likelihood per response token, NaN
     where the objective has none) for chosen/rejected. The last short batch is padded with repeats
-    of its first row so no extra shape is compiled.
+    of its first row so no extra shape is compiled. A scorer made with a `reader` adds "mu_c" and
+    "mu_r", [N, token_length] float32 (`intermediate.token_reward_means`' values and layout;
+    token_length defaults to the longest a row can be, `arrays.max_len`).
     """
-    out = {k: [] for k in ("score_c", "sigma_c", "lm_c", "score_r", "sigma_r", "lm_r")}
+    keys = ("score_c", "sigma_c", "lm_c", "score_r", "sigma_r", "lm_r")
+    out = {k: [] for k in keys}
+    means = {"mu_c": [], "mu_r": []}
     for batch, n in eval_batches(arrays, batch_size, pad_id=pad_id, pad_to_multiple=pad_to_multiple):
-        side_c, side_r = jax.device_get(scorer(params, {"chosen": batch["chosen"], "rejected": batch["rejected"]}))
-        for k, v in zip(out, (*side_c, *side_r)):
+        side_c, side_r, *mu = jax.device_get(scorer(params, {"chosen": batch["chosen"], "rejected": batch["rejected"]}))
+        for k, v in zip(keys, (*side_c, *side_r)):
             out[k].append(np.asarray(v[:n], np.float64))
-    return {k: np.concatenate(v) if v else np.zeros((0,)) for k, v in out.items()}
+        for k, v in zip(means, mu[0] if mu else ()):  # a scorer with a reader: (mu_c, mu_r)
+            means[k].append(place_token_means(v, n, token_length or arrays.max_len))
+    scores = {k: np.concatenate(v) if v else np.zeros((0,)) for k, v in out.items()}
+    if means["mu_c"]:
+        scores.update({k: np.concatenate(v) for k, v in means.items()})
+    return scores
 
 
 def pairwise_metrics(scores: dict) -> dict[str, float]:

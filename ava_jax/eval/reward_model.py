@@ -8,7 +8,6 @@ import numpy as np
 
 from ava_jax.eval.calibration import calibration_metrics, plot_reliability, preference_probability, reliability_bins
 from ava_jax.eval.ground_truth import ground_truth_diagnostics
-from ava_jax.eval.intermediate import make_token_reward_reader
 from ava_jax.eval.reward import make_pair_scorer, pair_scores, pairwise_metrics
 
 
@@ -22,14 +21,23 @@ class RewardModelEvaluator:
       splits: {split: PairArrays}.
       score: `config.eval.score`.
       pad_id, batch_size, pad_to_multiple: batching of the forward passes.
+      token_means: the task has a per-token ground truth (`final` gets `prefs`): every evaluation
+        reads the per-token reward means with the scores (`make_pair_scorer`'s reader; a readout of
+        the same forward), so the periodic and the final evaluations share one compiled program.
     """
 
     def __init__(self, objective, cfg, graphdef, splits: dict, *, score: str, pad_id: int, batch_size: int,
-                 pad_to_multiple: int | None):
-        self.objective, self.cfg, self.graphdef, self.splits = objective, cfg, graphdef, splits
+                 pad_to_multiple: int | None, token_means: bool = False):
+        self.objective, self.cfg, self.graphdef, self.splits, self.score = objective, cfg, graphdef, splits, score
         self.pad_id, self.batch_size, self.pad_to_multiple = pad_id, batch_size, pad_to_multiple
-        self.scorer = make_pair_scorer(objective.score_fn(cfg, score), graphdef)
-        self._token_reader = None  # the ground-truth diagnostics' per-token reader, built on first use
+        self.scorer = self._make_scorer(token_means)
+        # The scorer that reads the per-token reward means too (the ground-truth diagnostics of
+        # `final`): with token_means the periodic evaluations' own, else built on first use.
+        self._scorer_with_means = self.scorer if token_means else None
+
+    def _make_scorer(self, token_means: bool):
+        return make_pair_scorer(self.objective.score_fn(self.cfg, self.score), self.graphdef,
+                                reader=self.objective.reward_reader(self.cfg) if token_means else None)
 
     def scores(self, split: str, params) -> dict:
         return pair_scores(self.scorer, params, self.splits[split], batch_size=self.batch_size, pad_id=self.pad_id,
@@ -44,10 +52,18 @@ class RewardModelEvaluator:
 
         metrics: pairwise metrics, plus calibration when the objective has an uncertainty (against
         the true preference probabilities when `prefs`, the split's ground-truth preferences, are
-        given). diagnostics: `ground_truth_diagnostics` when `prefs` is given, else {}. With
-        `plot_dir`, the test split's reliability diagram is written there.
+        given). scores: `pair_scores`' per-pair arrays. diagnostics: `ground_truth_diagnostics` when
+        `prefs` is given (the per-token reward means read in the same pass as the scores), else {}.
+        With `plot_dir`, the test split's reliability diagram is written there.
         """
-        scores = self.scores(split, params)
+        scorer, length = self.scorer, None
+        if prefs is not None:
+            if self._scorer_with_means is None:
+                self._scorer_with_means = self._make_scorer(True)
+            scorer, length = self._scorer_with_means, prefs.chosen_tokens_NxT.shape[1]
+        scores = pair_scores(scorer, params, self.splits[split], batch_size=self.batch_size, pad_id=self.pad_id,
+                             pad_to_multiple=self.pad_to_multiple, token_length=length)
+        means = [scores.pop(k, None) for k in ("mu_c", "mu_r")]
         metrics = pairwise_metrics(scores)
         if self.objective.uncertainty:  # is sigma calibrated? (the baselines have none)
             metrics.update(calibration_metrics(scores, None if prefs is None else prefs.prob_chosen_N))
@@ -55,11 +71,5 @@ class RewardModelEvaluator:
             if plot_dir and split == "test" and not np.isnan(p_N).all():
                 plot_reliability(reliability_bins(p_N[~np.isnan(p_N)]), os.path.join(plot_dir, "reliability_test.png"),
                                  f"{self.objective.name}: P(chosen) = Phi(dmu / sigma), test pairs")
-        diagnostics = {}
-        if prefs is not None:
-            if self._token_reader is None:
-                self._token_reader = make_token_reward_reader(self.objective.reward_reader(self.cfg), self.graphdef)
-            diagnostics = ground_truth_diagnostics(split, prefs, self._token_reader, params, self.splits[split],
-                                                   pad_id=self.pad_id, batch_size=self.batch_size,
-                                                   pad_to_multiple=self.pad_to_multiple)
+        diagnostics = {} if prefs is None else ground_truth_diagnostics(split, prefs, *means)
         return metrics, scores, diagnostics

@@ -133,7 +133,8 @@ def run(config: ml_collections.ConfigDict) -> RewardModelResult:
                          step_options=cfglib.step_options(t), workdir=config.workdir, best_metric="accuracy")
         evaluator = RewardModelEvaluator(objective, lcfg, run_.graphdef, splits, score=config.eval.score,
                                          pad_id=pad_id, batch_size=config.eval.batch_size,
-                                         pad_to_multiple=pad_multiple)
+                                         pad_to_multiple=pad_multiple,
+                                         token_means=any(f"{s}_prefs" in extra for s in ("validation", "test")))
         state = run_.train(jax.random.key(config.seed), lambda s: evaluator.metrics("validation", s.params))
         results, all_scores = {}, {}
         for split in ("validation", "test"):
