@@ -88,7 +88,7 @@ def test_malformed_integer_list_is_a_one_line_error(capsys, flag, value):
 
 @pytest.mark.slow
 def test_tiny_table_runs_end_to_end(tmp_path):
-    out = tmp_path / "t1.md"
+    out = tmp_path / "tables" / "t1.md"  # a directory that does not exist yet
     table1.main(["--datasets", "synthetic,hh", "--rows", "BT,AVA-p", "--seeds", "0,1", "--tiny",
                  "--low-data", "64", "--out", str(out)])
     text = out.read_text()
@@ -96,7 +96,7 @@ def test_tiny_table_runs_end_to_end(tmp_path):
     assert text.count("| AVA-p |") == 2 and "both-EOS pairs acc" in text
     assert np.isfinite(float(text.split("| BT | ")[1].split(" ± ")[0]))
     # AVA-p has a sigma: its runs' reliability bins reach the plot.
-    assert (tmp_path / "t1_accuracy.png").exists() and (tmp_path / "t1_reliability.png").exists()
+    assert (out.parent / "t1_accuracy.png").exists() and (out.parent / "t1_reliability.png").exists()
     assert "[reliability](t1_reliability.png)" in text
 
 
@@ -209,6 +209,14 @@ def test_low_data_runs_only_for_the_compared_rows_by_default(tmp_path, monkeypat
     _, _, missing = table1.run_table(("synthetic",), (0,), rows, tiny=True, low_data=64, low_data_rows=None,
                                      cache_dir=str(tmp_path), kept_only=True)
     assert missing == [("synthetic", "AVA-p w/o cer", 0, 64)]
+
+
+def test_an_out_path_that_cannot_be_written_fails_before_any_run(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(table1, "run_table", lambda *a, **k: pytest.fail("ran cells before checking --out"))
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit) as e:
+        table1.main(["--datasets", "synthetic", "--rows", "BT", "--out", str(tmp_path / "a_file" / "t1.md")])
+    assert e.value.code == 2 and "--out" in capsys.readouterr().err
 
 
 def test_unknown_low_data_row_is_an_error(capsys):

@@ -494,6 +494,11 @@ def main(argv=None):
     malloc.keep_temporaries_on_heap()
     if args.kept_only and not args.cache:
         p.error("--kept-only needs --cache DIR (the kept cells)")
+    if args.out:  # made now, so that a path that cannot be written fails before hours of runs, not after
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        except OSError as e:
+            p.error(f"--out {args.out!r}: cannot create its directory ({e.strerror})")
     logging.basicConfig(level=logging.INFO)
     names = [r.strip() for r in re.split(r",(?![^()]*\))", args.rows) if r.strip()]  # commas inside (...) belong to a name
     unknown = sorted(set(names) - {r.name for r in ROWS})
