@@ -12,13 +12,26 @@ does the decode loop (`sampling`), whose run time counts more than its compile.
 
 The options are looked up when the function is jitted, after the backend is initialised (jitting
 inside the functions that use it, or inside a `functools.cache` factory, does that).
+
+`cache_compilations_for_this_process` is for the drivers that run many runs in one process (the
+table and learning-curve drivers): every cell builds its own jitted steps, and without a cache each
+compiled the same programs again for every seed.
 """
 from __future__ import annotations
 
+import atexit
 import functools
+import logging
 import os
+import shutil
+import tempfile
+import warnings
 
 import jax
+import numpy as np
+from jax.experimental.compilation_cache import compilation_cache
+
+log = logging.getLogger(__name__)
 
 CPU_OPTIONS = {"xla_backend_optimization_level": 2}
 
@@ -40,3 +53,62 @@ def jit(fun=None, /, **kwargs):
     if fun is None:
         return functools.partial(jit, **kwargs)
     return jax.jit(fun, compiler_options=compiler_options(), **kwargs)
+
+
+def cache_compilations_for_this_process() -> str | None:
+    """Turns on JAX's persistent compilation cache in a directory of this process's own, removed at
+    exit; returns that directory, or None where the cache was left as it was.
+
+    For a process that runs many runs (a table's cells, a learning curve's points): their jitted
+    functions are new objects in every run, so JAX's in-memory caches miss and each run compiled the
+    same programs again (the stories main job's AVA-p step and scorer, about 3 of its 29 s, for every
+    seed). A directory per process keeps the cache out of other processes' way (JAX writes entries
+    without a lock) and leaves nothing behind that a later run, or a process killed mid-write, could
+    trip on.
+
+    Left as it was where the user chose (JAX_COMPILATION_CACHE_DIR in the environment, an empty
+    value meaning off, or jax_compilation_cache_dir already set), and turned back off where XLA
+    cannot load the entries it writes on this host (a probe program is written and read back first:
+    some CPUs reject every XLA:CPU entry, jax-ml/jax#38445), so that no run prints an error per
+    program. Call it before the runs; JAX decides at its first compilation whether a process uses
+    the cache, and this resets that decision.
+    """
+    if "JAX_COMPILATION_CACHE_DIR" in os.environ or jax.config.jax_compilation_cache_dir:
+        return None
+    path = tempfile.mkdtemp(prefix="ava_jax_xla_")
+    compilation_cache.set_cache_dir(path)
+    compilation_cache.reset_cache()
+    if _reads_back():
+        atexit.register(shutil.rmtree, path, True)
+        return path
+    jax.config.update("jax_compilation_cache_dir", None)
+    compilation_cache.reset_cache()
+    shutil.rmtree(path, ignore_errors=True)
+    log.info("the compilation cache stays off: XLA did not load back a program it had written to %s", path)
+    return None
+
+
+def _reads_back() -> bool:
+    """Whether a small program compiled into the cache is then loaded from it (a cache hit)."""
+    hits = []
+
+    def listener(event, **kwargs):
+        del kwargs
+        if event == "/jax/compilation_cache/cache_hits":
+            hits.append(event)
+
+    x = np.zeros((8,), np.float32)
+    min_time = jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.monitoring.register_event_listener(listener)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    try:
+        with warnings.catch_warnings():  # a failed read or write is a warning; its answer is the probe's
+            warnings.simplefilter("ignore")
+            for _ in range(2):  # a new function each time, so that JAX's in-memory caches miss
+                def probe(v):
+                    return jax.numpy.cumsum(v * 3.0 + 1.0)
+                jax.jit(probe).lower(x).compile()
+    finally:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", min_time)
+        jax.monitoring.unregister_event_listener(listener)
+    return bool(hits)

@@ -26,7 +26,7 @@ import ml_collections
 import numpy as np
 
 from ava_jax import config as cfglib
-from ava_jax import malloc
+from ava_jax import malloc, xla
 from ava_jax import objectives as registry
 from ava_jax.data.load import load_pair_splits
 from ava_jax.eval.references import bigram_logistic_regression
@@ -297,6 +297,7 @@ def main(argv=None):
     p.add_argument("--out-dir", default="learning_curve")
     args = p.parse_args(argv)
     malloc.keep_temporaries_on_heap()
+    xla.cache_compilations_for_this_process()  # the cells' runs share their programs
     logging.basicConfig(level=logging.INFO)
     payload = run_learning_curve(
         args.sizes, args.seeds,

@@ -31,7 +31,7 @@ import ml_collections
 import numpy as np
 
 from ava_jax import config as cfglib
-from ava_jax import malloc
+from ava_jax import malloc, xla
 from ava_jax.data.load import load_pair_splits
 from ava_jax.eval.calibration import ReliabilityBins, preference_probability, reliability_bins
 from ava_jax.pipelines import reward_model, tables
@@ -492,6 +492,7 @@ def main(argv=None):
                    help="with --cache: run nothing, tabulate the kept cells and list the missing ones")
     args = p.parse_args(argv)
     malloc.keep_temporaries_on_heap()
+    xla.cache_compilations_for_this_process()  # the cells' runs share their programs
     if args.kept_only and not args.cache:
         p.error("--kept-only needs --cache DIR (the kept cells)")
     if args.out:  # made now, so that a path that cannot be written fails before hours of runs, not after

@@ -16,7 +16,7 @@ import sys
 
 import numpy as np
 
-from ava_jax import errors, malloc
+from ava_jax import errors, malloc, xla
 from ava_jax.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -252,6 +252,7 @@ def cli(argv, *, doc: str, launcher: str, default_out: str, run_fn, write_fn, re
                        "the bundled harmless-base test file)")
     args = p.parse_args(argv)
     malloc.keep_temporaries_on_heap()
+    xla.cache_compilations_for_this_process()  # the cells' runs share their programs
     CACHE["dir"] = args.cache or None
     logging.basicConfig(level=logging.INFO)
     for name in ("absl", "jax", "orbax"):
