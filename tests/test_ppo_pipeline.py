@@ -119,12 +119,22 @@ def test_the_actor_critic_and_its_initial_policy_are_evaluated_by_the_same_progr
     scfg = SamplingConfig(max_new_tokens=4, temperature=1.0, prompt_bucket=8, new_bucket=4)
     judging = direct.PolicyEvaluation(direct.heldout_prompts(test_arrays, 3), scfg, None, 0, jax.random.key(0), 2, 4,
                                       test_arrays, 8)
-    with jax.set_mesh(mesh):
+    passes = []
+
+    def counted(backbone, *args, **kwargs):
+        passes.append(backbone)
+        return logprobs(backbone, *args, **kwargs)
+
+    logprobs = direct.response_logprobs
+    with jax.set_mesh(mesh), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(direct, "response_logprobs", counted)
         shd.place_module(initial, mesh)
         ac = ActorCritic(policy, separate_critic=False)  # as the PPO run trains it
         shd.place_module(ac, mesh)
         before, _ = judging.evaluate(initial, initial)
+        assert passes == [initial]  # the initial policy against itself: one log-prob pass, not two
         after, _ = judging.evaluate(ac, initial)
+        assert passes[1:] == [ac.backbone, initial]
     assert before == after  # the same weights: the same samples, log-probs and held-out likelihood
     assert reference._pair_fn(nnx.graphdef(initial))._cache_size() == 1
     misses = reference._pair_fn.cache_info().misses

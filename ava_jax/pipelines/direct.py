@@ -259,8 +259,10 @@ class PolicyEvaluation:
         banned = self.sampling.banned_ids
         lp = response_logprobs(backbone, samples.prompts, samples.responses, pad_id=self.pad_id, banned_ids=banned,
                                batch_size=self.batch_size)
-        lp0 = response_logprobs(initial_backbone, samples.prompts, samples.responses, pad_id=self.pad_id,
-                                banned_ids=banned, batch_size=self.batch_size)
+        # The initial policy judged against itself (the evaluation before training): the same pass.
+        lp0 = lp if backbone is initial_backbone else response_logprobs(
+            initial_backbone, samples.prompts, samples.responses, pad_id=self.pad_id, banned_ids=banned,
+            batch_size=self.batch_size)
         lengths = np.asarray([max(len(r), 1) for r in samples.responses], np.float64)
         m = {"kl_to_initial": float(np.mean(lp - lp0)),  # E_pi[log pi - log pi_0], on the policy's samples
              "initial_loglik_per_token": float(np.mean(lp0 / lengths)),
