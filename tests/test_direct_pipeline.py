@@ -55,6 +55,18 @@ def test_tiny_dpo_writes_summary_resumes_from_the_cache_and_exports(tmp_path):
     assert theirs.encode(text, add_special_tokens=False) == ours.encode(text)
 
 
+def test_runs_of_other_seeds_from_one_checkpoint_share_the_reference_log_probs(tmp_path):
+    """The reference's cache key covers the LM only: the TQR heads, drawn from each run's seed, do
+    not enter it, so a table's seeds read the entry the first one wrote."""
+    runs = []
+    for seed in (0, 1):
+        c = _tiny("dpo")
+        c.seed, c.reference.cache_dir = seed, str(tmp_path / "reference")
+        runs.append(direct.run(c))
+    assert runs[0].extra["reference_cache"]["computed"]
+    assert not runs[1].extra["reference_cache"]["computed"] and runs[1].extra["reference_cache"]["forward_batches"] == 0
+
+
 def test_reference_with_another_vocabulary_is_a_user_error(tmp_path):
     other = str(tmp_path / "other")
     save_pretrained(TQR(tiny_config("llama", vocab_size=97), rngs=nnx.Rngs(0)), None, other)

@@ -46,6 +46,7 @@ from ava_jax.eval.policy import response_logprobs, sample_responses, win_rate
 from ava_jax.losses import AvaConfig
 from ava_jax.models import param_count
 from ava_jax.models.build import build_tqr
+from ava_jax.objectives.policy import backbone_of
 from ava_jax.sampling import SamplingConfig
 from ava_jax.train.loop import IteratorBatches
 from ava_jax.train.lora import LoraRun
@@ -338,7 +339,10 @@ def run(config: ml_collections.ConfigDict):
             cache_dir = config.reference.cache_dir or (os.path.join(config.workdir, "reference")
                                                        if config.workdir else "")
             cache = ReferenceCache(cache_dir, batch_size=e.batch_size, pad_id=pad_id, pad_to_multiple=pad_multiple)
-            g0, p0 = nnx.split(reference, nnx.Param)
+            # The LM alone: its log-probs are all the reference gives DPO, so the TQR's heads (drawn
+            # from the run's seed) stay out of the cache key, and every seed's run from one
+            # checkpoint reads the same entry.
+            g0, p0 = nnx.split(backbone_of(reference), nnx.Param)
             settings = {"max_len": data_cfg.max_len, "format": data_cfg.format}
             for split in ("train", "validation"):
                 refs[split] = cache.load_or_compute(g0, p0, splits[split], tokenizer, settings)
