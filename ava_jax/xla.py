@@ -19,17 +19,17 @@ compiled the same programs again for every seed.
 """
 from __future__ import annotations
 
-import atexit
 import functools
 import logging
 import os
 import shutil
-import tempfile
 import warnings
 
 import jax
 import numpy as np
 from jax.experimental.compilation_cache import compilation_cache
+
+from ava_jax import paths
 
 log = logging.getLogger(__name__)
 
@@ -75,11 +75,10 @@ def cache_compilations_for_this_process() -> str | None:
     """
     if "JAX_COMPILATION_CACHE_DIR" in os.environ or jax.config.jax_compilation_cache_dir:
         return None
-    path = tempfile.mkdtemp(prefix="ava_jax_xla_")
+    path = paths.process_scratch("xla")
     compilation_cache.set_cache_dir(path)
     compilation_cache.reset_cache()
     if _reads_back():
-        atexit.register(shutil.rmtree, path, True)
         return path
     jax.config.update("jax_compilation_cache_dir", None)
     compilation_cache.reset_cache()

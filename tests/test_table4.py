@@ -176,3 +176,14 @@ def test_paper_rows_run_end_to_end_on_the_bundled_model(tmp_path):
     run = t2["datasets"]["paper"]["runs"][0]
     assert list(run["curves"]) == ["AVA-p", "BT", "PT"] and run["samples_per_prompt"] == 4
     assert "judge reward model" in table2.format_markdown(t2)
+
+
+def test_the_runs_of_a_table_share_dpos_reference_log_probs():
+    """Every seed's run points at one reference cache of the process (its entries' key, the data,
+    weights and settings, keeps policies apart: tests/test_reference_cache.py), not at none."""
+    import os
+
+    dirs = {table4.run_config(m, "stories", seed).reference.cache_dir for m in ("DPO", "AVA-p") for seed in (0, 1)}
+    assert len(dirs) == 1
+    path = dirs.pop()
+    assert path and os.path.isdir(path)

@@ -25,6 +25,7 @@ import time
 
 import numpy as np
 
+from ava_jax import paths
 from ava_jax.eval.policy import win_rate
 from ava_jax.pipelines import direct
 from ava_jax.pipelines.tables import (PAPER, Paper, cached, cli, dataset_config, mean_sd, setup_lines, verdict,
@@ -49,6 +50,10 @@ def run_config(method: str, dataset: str, seed: int, *, tiny: bool = False, traj
     c = dataset_config(lambda v: direct.default_config(objective or METHODS[method], v), dataset, DATASETS, TINY,
                        tiny=tiny, paper=paper)
     c.seed, c.workdir, c.train.progress = seed, "", False
+    # DPO's reference log-probs of the train and validation pairs: the same in every seed's run from
+    # a pretrained policy (their key covers the data, the weights and the settings, so a scratch
+    # policy, which differs by seed, computes its own); the table's runs share them.
+    c.reference.cache_dir = c.reference.cache_dir or paths.process_scratch("reference")
     c.eval.trajectory = True
     c.train.eval_every = max(1, c.train.steps // trajectory_points)
     return c
